@@ -1,0 +1,1 @@
+"""ddjax: diffusion image models (DDPM, IDDPM, DDIM, CFG, v-prediction, DDGAN) in JAX/Flax."""

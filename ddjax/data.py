@@ -1,0 +1,141 @@
+"""The TFDS input pipeline: infinite, shuffled, per-host batches that are deterministic and resumable.
+
+The batch sequence of a host is a pure function of (config.seed, process_index, process_count):
+epoch e of the host's shard is shuffled with a seed derived from (seed, process_index, e), and the random
+flip of the i-th example of epoch e uses a stateless seed derived from the same key and (e, i). Resuming at
+step s therefore starts directly at epoch s*host_batch // n and skips only the remainder within it, so
+the cost of resuming does not grow with the number of completed epochs.
+"""
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+import ddjax.datasets  # noqa: F401  (registers the 'digits' builder with TFDS)
+
+# Offline datasets that ddjax prepares itself on first use.
+_BUILT_IN = ('digits',)
+# What `tfds build` alone does not tell, by builder name.
+_PREPARE_NOTES = {
+    'imagenet_resized': '; its archives are served by image-net.org to logged-in ImageNet users',
+}
+
+
+class DatasetNotFoundError(ValueError):
+  """The configured dataset is unknown to TFDS or not prepared in the data_dir."""
+
+
+def create_dataset(config, *, split='train', start_step=0, process_index=None,
+                   process_count=None) -> Iterator[dict]:
+  """Yields {'image': float32 [b, H, W, C] in [-1, 1], 'label': int32 [b]}, b = batch_size // process_count.
+
+  Each host reads only its own shard of `split`. `start_step=s` yields exactly the batches a fresh
+  iterator yields from its s-th batch on.
+  """
+  data = config.data
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if data.batch_size % process_count:
+    raise ValueError(f'config.data.batch_size={data.batch_size} is not divisible by the '
+                     f'process count {process_count}')
+  host_batch = data.batch_size // process_count
+
+  builder = _prepared_builder(data.dataset, data.data_dir)
+  host_split = tfds.split_for_jax_process(split, process_index=process_index,
+                                          process_count=process_count, drop_remainder=True)
+  # Images stay encoded until after the resume skip, so skipping does not pay for decoding.
+  examples = _read(builder, host_split, decoders={'image': tfds.decode.SkipDecoding()})
+  # The dataset's own cardinality, not builder.info: under tfds.testing.mock_data the info is unknown.
+  examples_per_host = int(examples.cardinality())
+  if examples_per_host < host_batch:
+    raise ValueError(f'config.data.batch_size={data.batch_size}: each of the {process_count} hosts '
+                     f'gets {examples_per_host} examples of {data.dataset!r} {split!r}, fewer '
+                     f'than its batch of {host_batch}')
+
+  key = tf.constant([config.seed, process_index], tf.int64)
+
+  def epoch(epoch_index):
+    """The host's shard in the order of `epoch_index`, each example with its own flip key."""
+    epoch_key = tf.random.experimental.stateless_fold_in(key, epoch_index)
+    shuffle_seed = tf.random.stateless_uniform([], epoch_key, minval=None, maxval=None,
+                                               dtype=tf.int64)
+    return (examples.shuffle(data.shuffle_buffer, seed=shuffle_seed).enumerate()
+            .map(lambda i, example: (example, tf.random.experimental.stateless_fold_in(epoch_key, i))))
+
+  image_feature = builder.info.features['image']
+  has_labels = 'label' in builder.info.features  # unlabelled sets (celeb_a, lsun) get class 0
+
+  def preprocess(example, flip_key):
+    image = _to_model_space(image_feature.decode_example(example['image']), data.image_size,
+                            data.num_channels)
+    if data.random_flip:
+      image = tf.image.stateless_random_flip_left_right(image, flip_key)
+    label = tf.cast(example['label'], tf.int32) if has_labels else tf.constant(0, tf.int32)
+    return {'image': image, 'label': label}
+
+  position = start_step * host_batch
+  ds = (tf.data.Dataset.range(position // examples_per_host, np.iinfo(np.int64).max)
+        .flat_map(epoch)
+        .skip(position % examples_per_host)
+        .map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(host_batch, drop_remainder=True)
+        .prefetch(tf.data.AUTOTUNE))
+  return ds.as_numpy_iterator()
+
+
+def _prepared_builder(name, data_dir):
+  """The TFDS builder of `name`; ddjax's own datasets are prepared offline on first use."""
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise DatasetNotFoundError(f'config.data.dataset={name!r} is not a TFDS dataset '
+                               '(see https://www.tensorflow.org/datasets/catalog)') from None
+  if builder.name in _BUILT_IN:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  return builder
+
+
+def _read(builder, split, decoders):
+  """builder.as_dataset, turning TFDS's "could not find data" into a one-line how-to-prepare error.
+
+  Whether the data is there is decided by as_dataset itself rather than by builder.is_prepared(), so that
+  tfds.testing.mock_data, which patches as_dataset but not the files, runs this same code path.
+  """
+  try:
+    return builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
+  except AssertionError:
+    if builder.is_prepared():
+      raise
+    name = builder.info.full_name.rsplit('/', 1)[0]  # with the config, without the version
+    root = builder.data_dir_root
+    how = f'`tfds build {name} --data_dir {root}`'
+    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+      how += f' after putting its manual download in {root}/downloads/manual'
+    how += _PREPARE_NOTES.get(builder.name, '')
+    raise DatasetNotFoundError(
+        f'dataset {name!r} is not prepared in {root}: prepare it with {how} '
+        f'(see https://www.tensorflow.org/datasets/catalog/{builder.name})') from None
+
+
+def _to_model_space(image, image_size, num_channels):
+  """uint8 [h, w, c] -> float32 [image_size, image_size, num_channels] in [-1, 1]."""
+  image = tf.cast(image, tf.float32)
+  height, width = image.shape[:2]
+  if height is None or height != width:
+    side = tf.minimum(tf.shape(image)[0], tf.shape(image)[1])
+    image = tf.image.resize_with_crop_or_pad(image, side, side)  # the centre square
+  if image.shape[:2] != (image_size, image_size):
+    # Antialiased bilinear: area-like when shrinking, bilinear when enlarging.
+    image = tf.image.resize(image, (image_size, image_size), method='bilinear', antialias=True)
+  channels = image.shape[-1]
+  if channels == 1 and num_channels == 3:
+    image = tf.image.grayscale_to_rgb(image)
+  elif channels == 3 and num_channels == 1:
+    image = tf.image.rgb_to_grayscale(image)
+  elif channels != num_channels:
+    raise ValueError(f'config.data.num_channels={num_channels}: cannot convert the dataset\'s '
+                     f'{channels}-channel images (allowed: {channels}, or 1 <-> 3)')
+  return image / 127.5 - 1.0

@@ -1,0 +1,147 @@
+"""Compiled samplers: DDPM ancestral, DDIM (η), the seed's ddim_scale, classifier-free guidance, DDGAN.
+
+Each sampler is one `lax.scan` over a precomputed (possibly respaced) time grid inside `jit`, so a 1000-step
+loop compiles like a 10-step one. Noise is drawn per example from that example's own key folded with the step
+index, so a sample does not depend on the batch it was drawn in. Every sampler consumes the same `Prediction`
+(x̂0, ε̂, μ_θ, log Σ_θ) from `diffusion.predict`.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddjax import diffusion
+from ddjax.schedules import Schedule, make_schedule, spaced_schedule
+from ddjax.validation import check, check_choice
+
+SAMPLERS = ('ddpm', 'ddim')
+
+
+def draw_labels(rng, num: int, *, num_classes: int, class_label: int = -1):
+  """`num` class labels: `class_label` repeated, or uniform over the real classes 0..num_classes−1 when −1
+  (never the null class num_classes)."""
+  check(num_classes >= 1, 'num_classes', num_classes, '>= 1 to draw class labels')
+  check(-1 <= class_label < num_classes, 'class_label', class_label, f'-1 (random) or 0..{num_classes - 1}')
+  if class_label == -1:
+    return jax.random.randint(rng, (num,), 0, num_classes, dtype=jnp.int32)
+  return jnp.full((num,), class_label, jnp.int32)
+
+
+def classifier_free_guidance(model_fn, *, guidance, num_classes: int):
+  """model_fn with ε̃ = (1+w)·ε(x,c) − w·ε(x,∅): conditional and null class (index num_classes) in one batched
+  forward pass. Applied to every output channel (the learned variance too, as the seed does); for x0 / v
+  outputs it is the same guidance, since ε is affine in them at fixed x_t."""
+  def guided(x_t, t, labels):
+    null = jnp.full_like(labels, num_classes)
+    both = model_fn(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]), jnp.concatenate([labels, null]))
+    cond, uncond = jnp.split(both, 2)
+    return (1.0 + guidance) * cond - guidance * uncond
+  return guided
+
+
+def _noise(keys, step, shape):
+  """Per-example N(0, I) of `shape` (without batch) from each example's key folded with `step`."""
+  return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, step), shape))(keys)
+
+
+def _per_example_keys(rng, batch):
+  rng = rng if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(rng)
+  return jax.random.split(rng, batch)
+
+
+@functools.partial(jax.jit, static_argnames=('model_fn', 'shape', 'sampler', 'prediction', 'variance', 'clip_x0',
+                                             'num_classes', 'use_ddim_scale', 'use_guidance'))
+def _sample_loop(schedule: Schedule, rng, labels, eta, ddim_scale, guidance, *, model_fn, shape, sampler,
+                 prediction, variance, clip_x0, num_classes, use_ddim_scale, use_guidance):
+  if use_guidance:
+    model_fn = classifier_free_guidance(model_fn, guidance=guidance, num_classes=num_classes)
+  keys = _per_example_keys(rng, shape[0])
+  x_init = _noise(keys, schedule.num_steps, shape[1:])
+
+  def step(x_t, i):
+    t = jnp.full((shape[0],), i, jnp.int32)
+    output = model_fn(x_t, schedule.timesteps[t], labels).astype(jnp.float32)
+    pred = diffusion.predict(schedule, output, x_t=x_t, t=t, prediction=prediction, variance=variance,
+                             clip_x0=clip_x0)
+    z = _noise(keys, i, shape[1:])
+    not_last = (i > 0).astype(jnp.float32)
+    if sampler == 'ddpm':
+      return pred.mean + not_last * jnp.exp(0.5 * pred.log_variance) * z, None
+    alpha_bar_prev = schedule.alphas_cumprod_prev[i]
+    posterior_variance = schedule.posterior_variance[i]
+    if use_ddim_scale:
+      # The seed: s·β̃ leaves the deterministic direction, s·Σ (learned variance if any) is added as noise.
+      model_variance = jnp.exp(pred.log_variance) if variance == 'learned_range' else posterior_variance
+      direction_variance = jnp.maximum(1.0 - alpha_bar_prev - ddim_scale * posterior_variance, 0.0)
+      noise_variance = ddim_scale * model_variance
+    else:
+      # DDIM: σ² = η²·β̃ on the strided schedule.
+      noise_variance = eta**2 * posterior_variance
+      direction_variance = jnp.maximum(1.0 - alpha_bar_prev - noise_variance, 0.0)
+    x_prev = (jnp.sqrt(alpha_bar_prev) * pred.x0 + jnp.sqrt(direction_variance) * pred.eps
+              + not_last * jnp.sqrt(noise_variance) * z)
+    return x_prev, None
+
+  x0, _ = jax.lax.scan(step, x_init, jnp.arange(schedule.num_steps - 1, -1, -1))
+  return x0
+
+
+def sample(model_fn, betas, *, shape, rng, sampler='ddim', num_steps=None, step_size=None, eta=0.0,
+           ddim_scale=None, guidance=0.0, labels=None, num_classes=None, prediction='eps',
+           variance='fixed_small', clip_x0=False):
+  """Draw samples [B, H, W, C] float32 in model space (not clamped).
+
+  model_fn(x_t, t, labels) -> network output (C channels, 2C for learned_range), t the int32 ORIGINAL timestep
+  per example. `betas` is the training β table (float64). The loop runs on the respaced schedule of `num_steps`
+  or `step_size` (all steps when neither is set): sampler 'ddpm' is ancestral sampling with the model's
+  variance; 'ddim' is DDIM with σ = η·√β̃, or the seed's x_{t−1} = √ᾱ_prev·x̂0 + √max(1−ᾱ_prev−s·β̃, 0)·ε̂ +
+  √(s·Σ)·z when `ddim_scale` s is given. guidance w > 0 is classifier-free guidance (needs labels and
+  num_classes). model_fn must be hashable and stable across calls for the compiled loop to be reused.
+  """
+  check_choice('sampler', sampler, SAMPLERS)
+  diffusion.validate(prediction=prediction, variance=variance)
+  check(len(shape) == 4, 'shape', shape, '(batch, height, width, channels)')
+  check(eta >= 0, 'eta', eta, '>= 0')
+  check(ddim_scale is None or ddim_scale >= 0, 'ddim_scale', ddim_scale, 'None or >= 0')
+  check(ddim_scale is None or sampler == 'ddim', 'ddim_scale', ddim_scale, "None unless sampler='ddim'")
+  check(guidance >= 0, 'guidance', guidance, '>= 0')
+  check(guidance == 0 or (labels is not None and num_classes), 'guidance', guidance,
+        '0 unless labels and num_classes are given (classifier-free guidance needs a class-conditional model)')
+  check(labels is None or np.shape(labels) == (shape[0],), 'labels', f'shape {np.shape(labels)}',
+        f'None or shape ({shape[0]},)')
+  schedule = spaced_schedule(np.asarray(betas, np.float64), num_steps=num_steps, step_size=step_size)
+  return _sample_loop(
+      schedule, rng, labels, jnp.float32(eta), jnp.float32(ddim_scale or 0.0), jnp.float32(guidance),
+      model_fn=model_fn, shape=tuple(shape), sampler=sampler, prediction=prediction, variance=variance,
+      clip_x0=bool(clip_x0), num_classes=num_classes, use_ddim_scale=ddim_scale is not None,
+      use_guidance=guidance > 0)
+
+
+@functools.partial(jax.jit, static_argnames=('generator_fn', 'shape', 'nz'))
+def _ddgan_loop(schedule: Schedule, rng, labels, *, generator_fn, shape, nz):
+  keys = _per_example_keys(rng, shape[0])
+  x_init = _noise(keys, schedule.num_steps, shape[1:])
+
+  def step(x_t, i):
+    t = jnp.full((shape[0],), i, jnp.int32)
+    z_keys = jax.vmap(lambda k: jax.random.fold_in(k, i + schedule.num_steps + 1))(keys)
+    latent = _noise(z_keys, 0, (nz,))
+    x0 = generator_fn(x_t, t, latent, labels).astype(jnp.float32)
+    mean, _, log_variance = diffusion.q_posterior(schedule, x0=x0, x_t=x_t, t=t)
+    not_last = (i > 0).astype(jnp.float32)
+    return mean + not_last * jnp.exp(0.5 * log_variance) * _noise(keys, i, shape[1:]), None
+
+  x0, _ = jax.lax.scan(step, x_init, jnp.arange(schedule.num_steps - 1, -1, -1))
+  return x0
+
+
+def sample_ddgan(generator_fn, betas, *, shape, rng, nz, labels=None):
+  """DDGAN sampling: x_T ~ N(0, I); for t = T−1..0: x̂0 = G(x_t, t, z), z ~ N(0, I_nz), x_{t−1} ~ q(x_{t−1}|x_t, x̂0).
+
+  generator_fn(x_t, t, z, labels) -> x̂0; `betas` the T (1–4) transition betas, e.g. get_betas('vp', T).
+  """
+  check(1 <= len(betas) <= 8, 'num_timesteps', len(betas), 'a DDGAN chain of 1..8 steps')
+  check(len(shape) == 4, 'shape', shape, '(batch, height, width, channels)')
+  check(nz >= 1, 'nz', nz, '>= 1')
+  return _ddgan_loop(make_schedule(betas), rng, labels, generator_fn=generator_fn, shape=tuple(shape), nz=nz)

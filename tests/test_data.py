@@ -1,0 +1,194 @@
+"""The digits TFDS builder and the input pipeline (ddjax.data)."""
+import itertools
+import time
+
+import numpy as np
+import pytest
+from sklearn import datasets as sklearn_datasets
+import tensorflow_datasets as tfds
+
+from configs import digits as digits_config
+from ddjax import data
+from ddjax.datasets import digits
+
+
+@pytest.fixture(scope='module')
+def digits_dir(tmp_path_factory):
+  """A data_dir holding the prepared digits dataset, shared by this module's tests."""
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  tfds.builder('digits', data_dir=data_dir).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  return data_dir
+
+
+def make_config(data_dir, **data_overrides):
+  config = digits_config.get_config()
+  config.data.data_dir = data_dir
+  config.data.batch_size = 64
+  config.data.update(data_overrides)
+  return config
+
+
+def take(iterator, n):
+  return list(itertools.islice(iterator, n))
+
+
+def assert_same_batches(batches, expected):
+  assert len(batches) == len(expected)
+  for batch, want in zip(batches, expected):
+    np.testing.assert_array_equal(batch['image'], want['image'])
+    np.testing.assert_array_equal(batch['label'], want['label'])
+
+
+# ---------------------------------------------------------------- the digits builder
+
+def test_digits_builder_matches_sklearn(digits_dir):
+  builder = tfds.builder('digits', data_dir=digits_dir)
+  assert builder.is_prepared()
+  splits = builder.info.splits
+  assert (splits['train'].num_examples, splits['test'].num_examples) == (1438, 359)
+  assert builder.info.features['image'].shape == (8, 8, 1)
+
+  train = tfds.as_numpy(builder.as_dataset(split='train', batch_size=-1))
+  assert train['image'].shape == (1438, 8, 8, 1) and train['image'].dtype == np.uint8
+  assert set(train['label'].tolist()) == set(range(10))
+
+  sk = sklearn_datasets.load_digits()
+  idx = digits.split_indices()['train']
+  want = np.round(sk.images[idx] * 255 / 16).reshape(len(idx), -1)
+  assert want.max() == 255  # 16 -> 255
+  # TFDS stores examples in its own order: compare (label, pixels) rows as sorted sets.
+  rows = lambda labels, pixels: sorted(map(tuple, np.c_[labels, pixels.reshape(len(labels), -1)]))
+  assert rows(train['label'], train['image']) == rows(sk.target[idx], want)
+
+
+def test_digits_split_indices_partition_all_images():
+  idx = digits.split_indices()
+  assert len(idx['train']) + len(idx['test']) == 1797
+  assert not set(idx['train']) & set(idx['test'])
+
+
+# ---------------------------------------------------------------- the pipeline on digits
+
+def test_batches_shape_dtype_range(digits_dir):
+  batch = next(data.create_dataset(make_config(digits_dir)))
+  assert batch['image'].shape == (64, 8, 8, 1) and batch['image'].dtype == np.float32
+  assert batch['label'].shape == (64,) and batch['label'].dtype == np.int32
+  assert batch['image'].min() == -1.0 and batch['image'].max() == 1.0
+  # Exact scaling: uint8 pixel p maps to p / 127.5 - 1.
+  np.testing.assert_allclose((batch['image'] + 1) * 127.5, np.round((batch['image'] + 1) * 127.5),
+                             atol=1e-4)
+
+
+def test_deterministic_under_seed(digits_dir):
+  config = make_config(digits_dir)
+  first = take(data.create_dataset(config), 3)
+  assert_same_batches(take(data.create_dataset(config), 3), first)
+  config.seed = 1
+  other = take(data.create_dataset(config), 3)
+  assert not np.array_equal(other[0]['label'], first[0]['label'])
+
+
+def test_epochs_are_reshuffled_and_cover_the_split(digits_dir):
+  # One host, batch 719 = half the train split: batches 0-1 are epoch 0, batches 2-3 epoch 1.
+  batches = take(data.create_dataset(make_config(digits_dir, batch_size=719)), 4)
+  epoch0 = np.concatenate([b['image'] for b in batches[:2]])
+  epoch1 = np.concatenate([b['image'] for b in batches[2:]])
+  assert not np.array_equal(epoch0, epoch1)
+  as_rows = lambda images: sorted(map(bytes, images.reshape(len(images), -1)))
+  assert as_rows(epoch0) == as_rows(epoch1)  # each epoch is the whole split once
+
+
+@pytest.mark.parametrize('start_step', [5, 22, 23, 50])
+def test_resume_equals_fresh_iterator(digits_dir, start_step):
+  # 1438 examples / 64 per batch: batch 22 straddles the first epoch boundary, 45 the second.
+  config = make_config(digits_dir, random_flip=True)
+  fresh = take(data.create_dataset(config), start_step + 3)
+  assert_same_batches(take(data.create_dataset(config, start_step=start_step), 3),
+                      fresh[start_step:])
+
+
+def test_two_hosts_get_disjoint_halves(digits_dir):
+  config = make_config(digits_dir)
+  per_host = []
+  for index in range(2):
+    batches = take(data.create_dataset(config, process_index=index, process_count=2), 11)
+    assert batches[0]['image'].shape == (32, 8, 8, 1)
+    # 11 batches of 32 = 352 < 719 examples per host: no repeats within a host.
+    per_host.append({(bytes(i), int(l)) for b in batches for i, l in zip(b['image'], b['label'])})
+  assert len(per_host[0]) == len(per_host[1]) == 352
+  assert not per_host[0] & per_host[1]
+
+
+def test_random_flip_flips_some_images_deterministically(digits_dir):
+  plain = take(data.create_dataset(make_config(digits_dir)), 2)
+  flipped = take(data.create_dataset(make_config(digits_dir, random_flip=True)), 2)
+  assert_same_batches(take(data.create_dataset(make_config(digits_dir, random_flip=True)), 2),
+                      flipped)
+  images = np.concatenate([b['image'] for b in plain])
+  flips = np.concatenate([b['image'] for b in flipped])
+  np.testing.assert_array_equal(np.concatenate([b['label'] for b in plain]),
+                                np.concatenate([b['label'] for b in flipped]))
+  is_flipped = np.all(flips == images[:, :, ::-1], axis=(1, 2, 3))
+  unchanged = np.all(flips == images, axis=(1, 2, 3))
+  assert np.all(is_flipped | unchanged)
+  assert 30 < np.sum(is_flipped & ~unchanged) < 98  # of 128 images, about half
+
+
+# ---------------------------------------------------------------- TFDS datasets, mocked
+
+@pytest.mark.parametrize('dataset, image_size, num_channels', [
+    ('mnist', 28, 1),
+    ('mnist', 32, 3),  # resize + grayscale -> RGB
+    ('cifar10', 32, 3),
+    ('cifar10', 16, 1),  # resize + RGB -> grayscale
+    ('imagenet_resized/64x64', 64, 3),
+    ('oxford_flowers102', 32, 3),  # images of varying size: centre square, then resize
+    ('celeb_a', 32, 3),  # 218x178 and no labels
+])
+def test_mocked_tfds_datasets(tmp_path, dataset, image_size, num_channels):
+  config = make_config(str(tmp_path), dataset=dataset, image_size=image_size,
+                       num_channels=num_channels, batch_size=8, random_flip=True)
+  with tfds.testing.mock_data(num_examples=20):
+    batches = take(data.create_dataset(config, start_step=3), 2)
+  for batch in batches:
+    assert batch['image'].shape == (8, image_size, image_size, num_channels)
+    assert batch['image'].dtype == np.float32 and batch['label'].dtype == np.int32
+    assert -1.0 <= batch['image'].min() < batch['image'].max() <= 1.0
+    if dataset == 'celeb_a':
+      np.testing.assert_array_equal(batch['label'], 0)
+
+
+def test_mocked_images_unchanged_when_sizes_match(tmp_path):
+  config = make_config(str(tmp_path), dataset='cifar10', image_size=32, num_channels=3,
+                       batch_size=20)
+  with tfds.testing.mock_data(num_examples=20):
+    raw = np.stack([ex['image'] for ex in tfds.as_numpy(tfds.load('cifar10', split='train'))])
+    batch = next(data.create_dataset(config))
+  as_rows = lambda images: sorted(map(bytes, images.reshape(len(images), -1)))
+  pixels = np.round((batch['image'] + 1) * 127.5).astype(np.uint8)
+  assert as_rows(pixels) == as_rows(raw)
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_missing_dataset_says_how_to_prepare(tmp_path):
+  config = make_config(str(tmp_path), dataset='mnist')
+  start = time.monotonic()
+  with pytest.raises(data.DatasetNotFoundError) as error:
+    data.create_dataset(config)
+  assert time.monotonic() - start < 5  # no download attempted
+  message = str(error.value)
+  assert '\n' not in message
+  assert f'tfds build mnist --data_dir {tmp_path}' in message
+  assert not list(tmp_path.iterdir())  # nothing downloaded or written
+
+
+def test_unknown_dataset_name(tmp_path):
+  with pytest.raises(data.DatasetNotFoundError, match="config.data.dataset='no_such_set'"):
+    data.create_dataset(make_config(str(tmp_path), dataset='no_such_set'))
+
+
+def test_batch_not_divisible_by_hosts(digits_dir):
+  with pytest.raises(ValueError, match='config.data.batch_size=63'):
+    data.create_dataset(make_config(digits_dir, batch_size=63), process_index=0, process_count=2)

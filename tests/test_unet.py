@@ -1,0 +1,150 @@
+"""The seed U-Net: the five ImageNet-64 configs build with the right shapes; a tiny one runs and conditions."""
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddjax import models
+from ddjax.models import unet
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
+IMAGENET64 = ['res_conv', 'res', 'res_res', 'res_res_atn', 'res_large']
+
+
+def load_config(name):
+  spec = importlib.util.spec_from_file_location(name, CONFIGS / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def count(params):
+  return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize('variant', IMAGENET64)
+def test_imagenet64_configs_build(variant):
+  config = load_config(f'imagenet64_{variant}')
+  model = models.create_model(config)
+  x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+  t = labels = jax.ShapeDtypeStruct((2,), jnp.int32)
+  params = jax.eval_shape(model.init, jax.random.key(0), x, t, labels)['params']
+  out = jax.eval_shape(model.apply, {'params': params}, x, t, labels)
+  assert out.shape == (2, 64, 64, 6) and out.dtype == jnp.float32
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  print(f'imagenet64_{variant}: {count(params):,} parameters')
+  assert 1e7 < count(params) < 3e8
+
+
+def tiny_config(**model_overrides):
+  config = load_config('digits')
+  config.model.update({**dict(ch=16, num_levels=2, blocks='res,conv,clsAtn,atn,chnAtn', attn_resolution=2,
+                              num_heads=2, t_dim=32, c_dim=32), **model_overrides})
+  return config
+
+
+def perturbed_init(model, config, key):
+  """Init, then jitter every param: zero-initialised residual branches make a fresh net output 0."""
+  size, channels = config.data.image_size, config.data.num_channels
+  x = jnp.zeros((2, size, size, channels))
+  labels = jnp.zeros((2,), jnp.int32) if config.data.num_classes else None
+  params = jax.jit(model.init)(key, x, jnp.zeros((2,), jnp.int32), labels)['params']
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+  return treedef.unflatten([p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  config = tiny_config(dropout=0.1)
+  model = models.create_model(config)
+  params = perturbed_init(model, config, jax.random.key(0))
+  apply = jax.jit(lambda x, t, labels, train, key: model.apply(
+      {'params': params}, x, t, labels, train=train, rngs={'dropout': key}), static_argnames='train')
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+  return apply, x
+
+
+def test_tiny_runs(tiny):
+  apply, x = tiny
+  out = apply(x, jnp.array([5, 900]), jnp.array([3, 10]), False, jax.random.key(0))
+  assert out.shape == (2, 8, 8, 2) and out.dtype == jnp.float32  # learned_range: 2 x 1 channel
+  assert np.isfinite(out).all()
+
+
+def test_tiny_conditions_on_labels_and_t(tiny):
+  apply, x = tiny
+  key = jax.random.key(0)
+  t = jnp.array([100, 100])
+  base = apply(x, t, jnp.array([3, 3]), False, key)
+  null = apply(x, t, jnp.array([10, 10]), False, key)  # index num_classes = the null class
+  later = apply(x, jnp.array([700, 700]), jnp.array([3, 3]), False, key)
+  assert np.abs(base - null).max() > 1e-3
+  assert np.abs(base - later).max() > 1e-3
+
+
+def test_tiny_dropout_only_in_training(tiny):
+  apply, x = tiny
+  t, labels = jnp.array([100, 100]), jnp.array([3, 3])
+  key_a, key_b = jax.random.key(1), jax.random.key(2)
+  np.testing.assert_array_equal(apply(x, t, labels, False, key_a), apply(x, t, labels, False, key_b))
+  assert np.abs(apply(x, t, labels, True, key_a) - apply(x, t, labels, True, key_b)).max() > 1e-3
+
+
+def test_dropout_zero_is_deterministic_in_training():
+  config = tiny_config(blocks='res')
+  model = models.create_model(config)
+  params = perturbed_init(model, config, jax.random.key(0))
+  x, t, labels = jnp.ones((2, 8, 8, 1)), jnp.array([1, 2]), jnp.array([0, 10])
+  outs = [model.apply({'params': params}, x, t, labels, train=True, rngs={'dropout': jax.random.key(k)})
+          for k in (1, 2)]
+  np.testing.assert_array_equal(*outs)
+
+
+def test_output_channels_and_unconditional():
+  config = tiny_config(blocks='res,clsAtn')
+  config.diffusion.variance = 'fixed_small'
+  config.data.num_classes = 0
+  model = models.create_model(config)
+  params = perturbed_init(model, config, jax.random.key(0))
+  out = model.apply({'params': params}, jnp.ones((2, 8, 8, 1)), jnp.array([1, 2]), None)
+  assert out.shape == (2, 8, 8, 1)
+
+
+def test_bfloat16_compute_float32_params_and_output():
+  config = tiny_config(blocks='res')
+  config.parallel.precision = 'bfloat16'
+  model = models.create_model(config)
+  params = perturbed_init(model, config, jax.random.key(0))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  out = model.apply({'params': params}, jnp.ones((2, 8, 8, 1)), jnp.array([1, 2]), jnp.array([0, 10]))
+  assert out.dtype == jnp.float32
+
+
+def test_helpers():
+  assert [unet.eca_kernel_size(c) for c in (16, 64, 128, 256, 512)] == [3, 3, 5, 5, 5]
+  assert [unet.largest_divisor(c, 32) for c in (16, 48, 128, 192, 24)] == [16, 24, 32, 32, 24]
+  emb = unet.timestep_embedding(jnp.array([0, 10]), 8)
+  np.testing.assert_allclose(emb[0], [1, 1, 1, 1, 0, 0, 0, 0])
+
+
+@pytest.mark.parametrize('key, value, match', [
+    ('blocks', 'res,foo', r"model\.blocks: unknown block 'foo' in 'res,foo'; allowed: res, conv"),
+    ('num_levels', 0, r'model\.num_levels'),
+    ('name', 'ncsnpp', r"model\.name: unknown model 'ncsnpp'"),
+])
+def test_bad_model_config_raises(key, value, match):
+  config = tiny_config()
+  config.model[key] = value
+  with pytest.raises(ValueError, match=match):
+    models.create_model(config)
+
+
+def test_image_size_not_divisible_raises():
+  config = tiny_config(num_levels=3)
+  config.data.image_size = 6
+  with pytest.raises(ValueError, match=r'data\.image_size: 6 .*model\.num_levels=3.* 4'):
+    models.create_model(config)

@@ -1,10 +1,10 @@
-"""The TFDS input pipeline: infinite, shuffled, per-host batches that are deterministic and resumable.
+"""The TFDS input pipeline: infinite, shuffled per-host batches, deterministic and resumable.
 
-The batch sequence of a host is a pure function of (config.seed, process_index, process_count):
-epoch e of the host's shard is shuffled with a seed derived from (seed, process_index, e), and the random
-flip of the i-th example of epoch e uses a stateless seed derived from the same key and (e, i). Resuming at
-step s therefore starts directly at epoch s*host_batch // n and skips only the remainder within it, so
-the cost of resuming does not grow with the number of completed epochs.
+A host's batch sequence is a pure function of (config.seed, process_index, process_count): epoch e
+of the host's shard is shuffled with a seed derived from (seed, process_index, e), and the flip of
+its i-th example uses a stateless key derived from the same key, e and i. Resuming at step s thus
+starts directly at epoch s*host_batch // n (n examples per host) and skips only the rest within
+it, so resuming costs no more after many epochs than after one.
 """
 from collections.abc import Iterator
 
@@ -29,7 +29,9 @@ class DatasetNotFoundError(ValueError):
 
 def create_dataset(config, *, split='train', start_step=0, process_index=None,
                    process_count=None) -> Iterator[dict]:
-  """Yields {'image': float32 [b, H, W, C] in [-1, 1], 'label': int32 [b]}, b = batch_size // process_count.
+  """Yields {'image': float32 [b, H, W, C] in [-1, 1], 'label': int32 [b]} forever.
+
+  b = config.data.batch_size // process_count (process_* default to jax.process_index/count()).
 
   Each host reads only its own shard of `split`. `start_step=s` yields exactly the batches a fresh
   iterator yields from its s-th batch on.
@@ -47,7 +49,8 @@ def create_dataset(config, *, split='train', start_step=0, process_index=None,
                                           process_count=process_count, drop_remainder=True)
   # Images stay encoded until after the resume skip, so skipping does not pay for decoding.
   examples = _read(builder, host_split, decoders={'image': tfds.decode.SkipDecoding()})
-  # The dataset's own cardinality, not builder.info: under tfds.testing.mock_data the info is unknown.
+  # The dataset's own cardinality, not builder.info: under tfds.testing.mock_data the split sizes
+  # are unknown.
   examples_per_host = int(examples.cardinality())
   if examples_per_host < host_batch:
     raise ValueError(f'config.data.batch_size={data.batch_size}: each of the {process_count} hosts '
@@ -61,8 +64,9 @@ def create_dataset(config, *, split='train', start_step=0, process_index=None,
     epoch_key = tf.random.experimental.stateless_fold_in(key, epoch_index)
     shuffle_seed = tf.random.stateless_uniform([], epoch_key, minval=None, maxval=None,
                                                dtype=tf.int64)
+    flip_key = lambda i: tf.random.experimental.stateless_fold_in(epoch_key, i)
     return (examples.shuffle(data.shuffle_buffer, seed=shuffle_seed).enumerate()
-            .map(lambda i, example: (example, tf.random.experimental.stateless_fold_in(epoch_key, i))))
+            .map(lambda i, example: (example, flip_key(i))))
 
   image_feature = builder.info.features['image']
   has_labels = 'label' in builder.info.features  # unlabelled sets (celeb_a, lsun) get class 0
@@ -101,8 +105,8 @@ def _prepared_builder(name, data_dir):
 def _read(builder, split, decoders):
   """builder.as_dataset, turning TFDS's "could not find data" into a one-line how-to-prepare error.
 
-  Whether the data is there is decided by as_dataset itself rather than by builder.is_prepared(), so that
-  tfds.testing.mock_data, which patches as_dataset but not the files, runs this same code path.
+  Whether the data is there is decided by as_dataset itself, not by builder.is_prepared(), so that
+  tfds.testing.mock_data, which patches as_dataset but writes no files, runs this same code path.
   """
   try:
     return builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)

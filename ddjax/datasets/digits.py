@@ -28,8 +28,8 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
-  # Nothing is downloaded. Declaring it also spares TFDS's checksum-file lookup, which needs
-  # `importlib_resources`, a package tfds 4.9.x imports but no longer gets from etils >= 1.14.
+  # Nothing is downloaded. Saying so also skips TFDS's checksum-file lookup, which imports
+  # `importlib_resources`: tfds 4.9.10 does not require it and etils 1.15 no longer pulls it in.
   url_infos = None
 
   def _info(self):
@@ -40,7 +40,7 @@ class Digits(tfds.core.GeneratorBasedBuilder):
             'label': tfds.features.ClassLabel(num_classes=10),
         }),
         supervised_keys=('image', 'label'),
-        homepage='https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html',
+        homepage='https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset',
     )
 
   def _split_generators(self, dl_manager):

@@ -2,18 +2,19 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ddjax.diffusion import output_channels
 from ddjax.models import unet
+from ddjax.validation import check, check_choice, fail
 
 PRECISIONS = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def parse_blocks(blocks: str) -> tuple[str, ...]:
-  """'res,clsAtn,chnAtn' -> ('res', 'clsAtn', 'chnAtn'); ValueError on an unknown token."""
+  """'res,clsAtn,chnAtn' -> ('res', 'clsAtn', 'chnAtn'); ConfigError on an unknown token."""
   tokens = tuple(token.strip() for token in blocks.split(','))
   for token in tokens:
     if token not in unet.BLOCK_TYPES:
-      raise ValueError(f'model.blocks: unknown block {token!r} in {blocks!r}; '
-                       f'allowed: {", ".join(unet.BLOCK_TYPES)}')
+      fail('model.blocks', blocks, f'a comma list of {", ".join(unet.BLOCK_TYPES)} (unknown block {token!r})')
   return tokens
 
 
@@ -22,18 +23,16 @@ def _validate_unet(config) -> None:
   model, image_size = config.model, config.data.image_size
   blocks = parse_blocks(model.blocks)
   for key in ('ch', 'num_levels', 'num_heads', 'attn_resolution'):
-    if model[key] < 1:
-      raise ValueError(f'model.{key}: must be >= 1, got {model[key]}')
+    check(model[key] >= 1, f'model.{key}', model[key], 'an integer >= 1')
   factor = 2 ** (model.num_levels - 1)
-  if image_size % factor:
-    raise ValueError(f'data.image_size: {image_size} is not divisible by {factor}; with model.num_levels='
-                     f'{model.num_levels} it must be a multiple of 2**(num_levels-1) = {factor}')
-  if {'clsAtn', 'atn'} & set(blocks) and model.ch % model.num_heads:
-    raise ValueError(f'model.num_heads: {model.num_heads} must divide model.ch={model.ch}')
+  check(image_size % factor == 0, 'data.image_size', image_size,
+        f'a multiple of 2**(model.num_levels-1) = {factor} with model.num_levels={model.num_levels}')
+  if {'clsAtn', 'atn'} & set(blocks):
+    check(model.ch % model.num_heads == 0, 'model.num_heads', model.num_heads,
+          f'a divisor of model.ch={model.ch} (attention heads split every level\'s channels)')
 
 
 def _create_unet(config, dtype) -> nn.Module:
-  _validate_unet(config)
   model = config.model
   return unet.UNet(
       ch=model.ch,
@@ -46,19 +45,23 @@ def _create_unet(config, dtype) -> nn.Module:
       t_dim=model.t_dim,
       c_dim=model.c_dim,
       num_classes=config.data.num_classes,
-      out_channels=config.data.num_channels * (2 if config.diffusion.variance == 'learned_range' else 1),
+      out_channels=output_channels(config.data.num_channels, config.diffusion.variance),
       dtype=dtype,
   )
 
 
-BUILDERS = {'unet': _create_unet}
+# model.name -> (validate(config), build(config, dtype))
+MODELS = {'unet': (_validate_unet, _create_unet)}
+
+
+def validate_model(config) -> None:
+  """The model keys of `config`, checked without building anything."""
+  check_choice('model.name', config.model.name, MODELS)
+  check_choice('parallel.precision', config.parallel.precision, PRECISIONS)
+  MODELS[config.model.name][0](config)
 
 
 def create_model(config) -> nn.Module:
   """The network for `config`; params are float32, compute in `config.parallel.precision`."""
-  name, precision = config.model.name, config.parallel.precision
-  if name not in BUILDERS:
-    raise ValueError(f'model.name: unknown model {name!r}; allowed: {", ".join(BUILDERS)}')
-  if precision not in PRECISIONS:
-    raise ValueError(f'parallel.precision: unknown {precision!r}; allowed: {", ".join(PRECISIONS)}')
-  return BUILDERS[name](config, PRECISIONS[precision])
+  validate_model(config)
+  return MODELS[config.model.name][1](config, PRECISIONS[config.parallel.precision])

@@ -2,7 +2,8 @@
 
 Every block maps [B,H,W,C] -> [B,H,W,C]; channel changes happen only in the resamplers and in the projection
 after each skip concat, so any token list (with or without `res`) builds. Residual branches end in a
-zero-initialised layer, so a fresh block is the identity and the fresh network outputs zeros.
+zero-initialised layer, so a fresh residual block is the identity, and the zero-initialised output conv
+makes a fresh network output zeros.
 """
 import functools
 import math

@@ -1,0 +1,65 @@
+"""Config validation in one place: every key checked before anything is built or compiled.
+
+Each failure is one `ConfigError` line naming the key, the value and what is allowed; the CLI prints it and
+exits with status 2.
+"""
+from ddjax import diffusion, parallel, samplers
+from ddjax.models import validate_model
+from ddjax.validation import check, check_choice
+
+
+def validate(config):
+  data, diff, train, sample = config.data, config.diffusion, config.train, config.sample
+  check(data.image_size >= 1, 'data.image_size', data.image_size, '>= 1')
+  check(data.num_channels in (1, 3), 'data.num_channels', data.num_channels, '1 or 3')
+  check(data.num_classes >= 0, 'data.num_classes', data.num_classes, '>= 0 (0 = unconditional)')
+  check(data.batch_size >= 1, 'data.batch_size', data.batch_size, '>= 1')
+
+  check_choice('diffusion.schedule', diff.schedule, ('linear', 'cosine'))  # vp/geometric are DDGAN's
+  check_choice('diffusion.prediction', diff.prediction, diffusion.PREDICTIONS)
+  check_choice('diffusion.variance', diff.variance, diffusion.VARIANCES)
+  check_choice('diffusion.loss', diff.loss, diffusion.LOSSES)
+  check(not (diff.loss == 'simple' and diff.variance == 'learned_range'), 'diffusion.loss', diff.loss,
+        "'hybrid' or 'vlb' with diffusion.variance='learned_range' (the simple loss cannot train the variance)")
+  check(diff.num_timesteps >= (21 if diff.schedule == 'linear' else 1), 'diffusion.num_timesteps',
+        diff.num_timesteps, ">= 21 for 'linear', >= 1 for 'cosine'")
+  check(diff.hybrid_lambda >= 0, 'diffusion.hybrid_lambda', diff.hybrid_lambda, '>= 0')
+
+  validate_model(config)
+
+  check(train.num_steps >= 1, 'train.num_steps', train.num_steps, '>= 1')
+  check(train.learning_rate > 0, 'train.learning_rate', train.learning_rate, '> 0')
+  check(train.warmup_steps >= 0, 'train.warmup_steps', train.warmup_steps, '>= 0')
+  check(train.grad_clip >= 0, 'train.grad_clip', train.grad_clip, '>= 0 (0 = off)')
+  check(0 <= train.ema_decay < 1, 'train.ema_decay', train.ema_decay, 'in [0, 1)')
+  check(0 <= train.p_uncond < 1, 'train.p_uncond', train.p_uncond, 'in [0, 1)')
+  check(train.keep_checkpoints >= 1, 'train.keep_checkpoints', train.keep_checkpoints, '>= 1')
+  for key in ('log_every', 'checkpoint_every', 'sample_every'):
+    check(train[key] >= 0, f'train.{key}', train[key], '>= 0 (0 = only at the end)')
+
+  check_choice('sample.sampler', sample.sampler, samplers.SAMPLERS)
+  check(sample.num_steps is None or sample.step_size is None, 'sample.step_size', sample.step_size,
+        'None when sample.num_steps is set (choose one)')
+  T = diff.num_timesteps
+  check(sample.num_steps is None or 1 <= sample.num_steps <= T, 'sample.num_steps', sample.num_steps,
+        f'None or 1..{T} (diffusion.num_timesteps)')
+  check(sample.step_size is None or 1 <= sample.step_size <= T, 'sample.step_size', sample.step_size,
+        f'None or 1..{T} (diffusion.num_timesteps)')
+  check(sample.eta >= 0, 'sample.eta', sample.eta, '>= 0')
+  check(sample.ddim_scale is None or sample.ddim_scale >= 0, 'sample.ddim_scale', sample.ddim_scale,
+        'None or >= 0')
+  check(sample.ddim_scale is None or sample.sampler == 'ddim', 'sample.ddim_scale', sample.ddim_scale,
+        "None unless sample.sampler='ddim'")
+  check(sample.guidance >= 0, 'sample.guidance', sample.guidance, '>= 0')
+  check(sample.guidance == 0 or data.num_classes > 0, 'sample.guidance', sample.guidance,
+        '0 for an unconditional model (data.num_classes=0)')
+  check(sample.guidance == 0 or train.p_uncond > 0, 'sample.guidance', sample.guidance,
+        '0 unless train.p_uncond > 0 (the null class must be trained for classifier-free guidance)')
+  check(-1 <= sample.class_label < max(data.num_classes, 1), 'sample.class_label', sample.class_label,
+        f'-1 (random) or 0..{data.num_classes - 1}')
+  check(sample.num_samples >= 1, 'sample.num_samples', sample.num_samples, '>= 1')
+  check(sample.batch_size >= 1, 'sample.batch_size', sample.batch_size, '>= 1')
+  check(sample.checkpoint_step is None or sample.checkpoint_step >= 0, 'sample.checkpoint_step',
+        sample.checkpoint_step, 'None (newest) or a saved step')
+
+  parallel.validate(config)

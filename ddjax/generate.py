@@ -1,0 +1,83 @@
+"""Images from a trained network: the compiled sampling function, pixel conversion, PNG grids and ADM-style npz."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from ddjax import samplers
+
+
+def make_generate_fn(config, model, betas):
+  """jit(params, rng, labels [B]) -> float32 samples [B, H, W, C] in model space, compiled once per batch size.
+
+  Honours every `config.sample` key; an unconditional model (num_classes 0) ignores `labels`.
+  """
+  sample_config, diffusion_config = config.sample, config.diffusion
+  num_classes = config.data.num_classes or None
+  shape_hw = (config.data.image_size, config.data.image_size, config.data.num_channels)
+
+  @jax.jit
+  def generate(params, rng, labels):
+    def model_fn(x_t, t, y):
+      return model.apply({'params': params}, x_t, t, y, train=False)
+
+    return samplers.sample(
+        model_fn, betas, shape=(labels.shape[0],) + shape_hw, rng=rng,
+        sampler=sample_config.sampler, num_steps=sample_config.num_steps, step_size=sample_config.step_size,
+        eta=sample_config.eta, ddim_scale=sample_config.ddim_scale, guidance=sample_config.guidance,
+        labels=labels if num_classes else None, num_classes=num_classes, prediction=diffusion_config.prediction,
+        variance=diffusion_config.variance, clip_x0=sample_config.clip_x0)
+
+  return generate
+
+
+def generate_images(generate, params, rng, *, num_samples: int, batch_size: int, num_classes: int,
+                    class_label: int = -1, cycle_classes: bool = False):
+  """(uint8 images [N, H, W, C], int labels [N]) drawn in batches; the last batch is padded and trimmed.
+
+  Labels: `class_label` for all, random real classes for −1, or 0, 1, …, num_classes−1 repeating when
+  `cycle_classes` (grids with one class per column).
+  """
+  label_rng, sample_rng = jax.random.split(rng)
+  if not num_classes:
+    labels = np.zeros((num_samples,), np.int32)
+  elif cycle_classes:
+    labels = np.arange(num_samples, dtype=np.int32) % num_classes
+  else:
+    labels = np.asarray(samplers.draw_labels(label_rng, num_samples, num_classes=num_classes,
+                                             class_label=class_label))
+  images = []
+  for start in range(0, num_samples, batch_size):
+    batch_labels = np.resize(labels[start:start + batch_size], batch_size)  # pad the last batch
+    x = generate(params, jax.random.fold_in(sample_rng, start), jnp.asarray(batch_labels))
+    images.append(to_uint8(np.asarray(x))[:num_samples - start])
+  return np.concatenate(images), labels
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+  """Model space [−1, 1] -> uint8 pixels (the only place samples are clipped)."""
+  return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def save_grid(path: str, images: np.ndarray, *, columns: int, scale: int = 1, pad: int = 1) -> None:
+  """uint8 NHWC images -> one PNG grid, row-major, `columns` wide, each image upscaled `scale`× (nearest)."""
+  n, h, w, c = images.shape
+  rows = -(-n // columns)
+  grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, np.uint8)
+  for i, image in enumerate(images):
+    r, col = divmod(i, columns)
+    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = image
+  picture = Image.fromarray(grid[..., 0] if c == 1 else grid)
+  if scale > 1:
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  picture.save(path)
+
+
+def save_npz(path: str, images: np.ndarray, labels: np.ndarray) -> None:
+  """The ADM evaluation suite's format: arr_0 uint8 [N, H, W, C], arr_1 int labels [N]."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  np.savez(path, images, labels)
+

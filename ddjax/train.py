@@ -1,0 +1,242 @@
+"""Training: the TrainState, the pure train step, and `train_and_evaluate`."""
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from clu import metric_writers
+
+from ddjax import checkpoint, config as config_lib, data, diffusion, generate, parallel, schedules
+from ddjax.models import create_model
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a checkpoint holds. The data position is `step` (the pipeline resumes from it)."""
+  step: jnp.ndarray      # int32 number of updates done
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  rng: jnp.ndarray       # uint32 key data (raw, so orbax stores it like any array)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# State and optimizer
+# ----------------------------------------------------------------------------------------------------------------
+
+def make_optimizer(train_config) -> optax.GradientTransformation:
+  """AdamW with linear warm-up to a constant rate, after global-norm gradient clipping (off when grad_clip 0)."""
+  learning_rate = optax.linear_schedule(0.0, train_config.learning_rate, max(train_config.warmup_steps, 1))
+  adamw = optax.adamw(learning_rate, weight_decay=train_config.weight_decay)
+  if train_config.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(train_config.grad_clip), adamw)
+  return adamw
+
+
+def init_params(config, model, rng):
+  size, channels = config.data.image_size, config.data.num_channels
+  labels = jnp.zeros((1,), jnp.int32) if config.data.num_classes else None
+  return model.init({'params': rng}, jnp.zeros((1, size, size, channels)), jnp.zeros((1,), jnp.int32), labels,
+                    train=False)['params']
+
+
+def create_train_state(config, model, tx) -> TrainState:
+  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+  params = init_params(config, model, init_rng)
+  return TrainState(step=jnp.int32(0), params=params, ema_params=params, opt_state=tx.init(params),
+                    rng=jax.random.key_data(train_rng))
+
+
+def ema_decay_at(step, ema_decay: float):
+  """EMA warm-up: min(decay, (1 + step) / (10 + step)), so early averages are not dominated by the init."""
+  return jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The train step (pure; one device's shard of the batch; collectives over `axis_name`)
+# ----------------------------------------------------------------------------------------------------------------
+
+def train_step(state: TrainState, batch, *, model, tx, schedule, prediction, variance, loss, hybrid_lambda,
+               num_classes, p_uncond, ema_decay, axis_name=None):
+  """One AdamW update on the diffusion loss; returns (new state, metrics averaged over all devices).
+
+  Randomness: per-example keys folded from (state rng, step, global example index), so t, ε and label dropout
+  do not depend on how the global batch is split over devices; dropout masks use a per-device key.
+  """
+  images, labels = batch['image'], batch['label']
+  local_batch = images.shape[0]
+  step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  example_root, dropout_root = jax.random.split(step_key)
+  first_example = parallel.device_index(axis_name) * local_batch
+  example_keys = jax.vmap(lambda i: jax.random.fold_in(example_root, i))(first_example + jnp.arange(local_batch))
+  t_keys, eps_keys, drop_keys = jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k, 3))(example_keys), 1, 0)
+  num_steps = schedule.num_steps
+  t = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_steps))(t_keys)
+  eps = jax.vmap(lambda k: jax.random.normal(k, images.shape[1:]))(eps_keys)
+  if num_classes:  # classifier-free guidance: train the null class on a p_uncond fraction
+    drop = jax.vmap(lambda k: jax.random.bernoulli(k, p_uncond))(drop_keys)
+    labels = jnp.where(drop, num_classes, labels)
+  else:
+    labels = None
+  x_t = diffusion.q_sample(schedule, x0=images, t=t, eps=eps)
+  dropout_key = jax.random.fold_in(dropout_root, parallel.device_index(axis_name))
+
+  def loss_fn(params):
+    output = model.apply({'params': params}, x_t, t, labels, train=True, rngs={'dropout': dropout_key})
+    terms = diffusion.training_losses(schedule, output.astype(jnp.float32), x0=images, x_t=x_t, t=t, eps=eps,
+                                      prediction=prediction, variance=variance, loss=loss,
+                                      hybrid_lambda=hybrid_lambda)
+    return jnp.mean(terms['loss']), terms
+
+  (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  mean = functools.partial(jax.lax.pmean, axis_name=axis_name) if axis_name else (lambda x: x)
+  grads = mean(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  decay = ema_decay_at(state.step, ema_decay)
+  ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+
+  # Loss by timestep quartile (IDDPM): sums and counts reduced over devices, then divided.
+  quartile = t * 4 // num_steps
+  sums = mean(jnp.zeros(4).at[quartile].add(terms['loss']))
+  counts = mean(jnp.zeros(4).at[quartile].add(1.0))
+  metrics = {name: mean(jnp.mean(value)) for name, value in terms.items()}
+  metrics.update({f'loss_q{q}': sums[q] / jnp.maximum(counts[q], 1e-9) for q in range(4)})
+  metrics['grad_norm'] = optax.global_norm(grads)
+  metrics['param_norm'] = optax.global_norm(params)
+  new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state)
+  return new_state, metrics
+
+
+def should_run(step: int, every: int, last_step: int) -> bool:
+  """Periodic actions (log, checkpoint, sample) after update `step` (1-based), and always at the last step."""
+  return step == last_step or (every > 0 and step % every == 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics: clu writer (TensorBoard) + metrics.jsonl, process 0 only
+# ----------------------------------------------------------------------------------------------------------------
+
+class MetricLog:
+  def __init__(self, workdir: str):
+    self.enabled = jax.process_index() == 0
+    self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.enabled, asynchronous=False)
+    self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a') if self.enabled else None
+
+  def write(self, step: int, scalars: dict):
+    self.writer.write_scalars(step, scalars)
+    if self.jsonl:
+      self.jsonl.write(json.dumps({'step': step, **{k: float(v) for k, v in scalars.items()}}) + '\n')
+      self.jsonl.flush()
+
+  def close(self):
+    self.writer.close()
+    if self.jsonl:
+      self.jsonl.close()
+
+
+def console(message: str):
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def format_seconds(seconds: float) -> str:
+  minutes, seconds = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f'{hours}h{minutes:02d}m{seconds:02d}s' if hours else f'{minutes}m{seconds:02d}s'
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train_and_evaluate
+# ----------------------------------------------------------------------------------------------------------------
+
+def train_and_evaluate(config, workdir: str):
+  """Train `config` in `workdir`, resuming from its newest checkpoint; writes metrics, checkpoints, samples."""
+  # -- Setup: everything validated before anything compiles. -------------------------------------------------
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  model = create_model(config)
+  betas = schedules.get_betas(config.diffusion.schedule, config.diffusion.num_timesteps)
+  schedule = schedules.make_schedule(betas)
+  mapper = parallel.DataParallel.create(config.parallel.mode)
+  tx = make_optimizer(config.train)
+  log = MetricLog(workdir)
+  num_steps = config.train.num_steps
+
+  # -- State: resume order is (1) newest checkpoint in workdir, (2) fresh init. ------------------------------
+  state = create_train_state(config, model, tx)
+  manager = checkpoint.create_manager(workdir, keep=config.train.keep_checkpoints)
+  if manager.latest_step() is not None:
+    state = checkpoint.restore(manager, state)
+    console(f'resumed from {manager.directory} at step {int(state.step)}')
+  start_step = int(state.step)
+  param_count = sum(x.size for x in jax.tree.leaves(state.params))
+  console(f'{config.model.name}: {param_count:,} parameters; {jax.device_count()} devices '
+          f'({jax.default_backend()}, {config.parallel.mode}); global batch {config.data.batch_size}')
+
+  dataset = data.create_dataset(config, start_step=start_step)
+  step_fn = mapper.map(functools.partial(
+      train_step, model=model, tx=tx, schedule=schedule, prediction=config.diffusion.prediction,
+      variance=config.diffusion.variance, loss=config.diffusion.loss, hybrid_lambda=config.diffusion.hybrid_lambda,
+      num_classes=config.data.num_classes, p_uncond=config.train.p_uncond, ema_decay=config.train.ema_decay))
+  generate_fn = generate.make_generate_fn(config, model, betas)
+  replicated = mapper.replicate(state)
+
+  # -- Loop. --------------------------------------------------------------------------------------------------
+  pending_metrics = []
+  last_log_time, last_log_step, loop_start = time.time(), start_step, time.time()
+  for step in range(start_step + 1, num_steps + 1):
+    batch = mapper.shard_batch(next(dataset))
+    replicated, metrics = step_fn(replicated, batch)
+    pending_metrics.append(metrics)
+
+    if should_run(step, config.train.log_every, num_steps):
+      # NaN check on the host, at log time only: no sync in the hot path.
+      scalars = {k: float(np.mean([mapper.unreplicate(m)[k] for m in jax.device_get(pending_metrics)]))
+                 for k in pending_metrics[0]}
+      pending_metrics = []
+      if not np.isfinite(scalars['loss']):
+        raise FloatingPointError(f'non-finite loss {scalars["loss"]} at step {step}; the last good checkpoint '
+                                 f'in {manager.directory} is kept')
+      now = time.time()
+      scalars['steps_per_sec'] = (step - last_log_step) / (now - last_log_time)
+      scalars['learning_rate'] = float(optax.linear_schedule(
+          0.0, config.train.learning_rate, max(config.train.warmup_steps, 1))(step))
+      log.write(step, scalars)
+      eta = (num_steps - step) / max(scalars['steps_per_sec'], 1e-9)
+      console(f'step {step}/{num_steps}  loss {scalars["loss"]:.4f}  {scalars["steps_per_sec"]:.2f} steps/s  '
+              f'ETA {format_seconds(eta)}')
+      last_log_time, last_log_step = now, step
+
+    if should_run(step, config.train.checkpoint_every, num_steps):
+      checkpoint.save(manager, step, mapper.unreplicate(replicated))
+
+    if should_run(step, config.train.sample_every, num_steps) and jax.process_index() == 0:
+      ema_params = mapper.unreplicate(replicated).ema_params
+      images, _ = generate.generate_images(
+          generate_fn, ema_params, jax.random.fold_in(jax.random.key(config.seed), step),
+          num_samples=config.sample.num_samples, batch_size=config.sample.batch_size,
+          num_classes=config.data.num_classes, cycle_classes=True)
+      generate.save_grid(os.path.join(workdir, 'samples', f'step_{step:07d}.png'), images,
+                         columns=grid_columns(config), scale=grid_scale(config))
+
+  manager.wait_until_finished()
+  log.close()
+  console(f'done in {format_seconds(time.time() - loop_start)}: checkpoints in {manager.directory}, metrics in '
+          f'{os.path.join(workdir, "metrics.jsonl")}, samples in {os.path.join(workdir, "samples")}')
+  return mapper.unreplicate(replicated)
+
+
+def grid_columns(config) -> int:
+  """One class per column when class-conditional, else a square-ish grid."""
+  return config.data.num_classes or int(np.ceil(np.sqrt(config.sample.num_samples)))
+
+
+def grid_scale(config) -> int:
+  """Upscale small images so a grid is legible (8×8 digits -> 32×32 per cell)."""
+  return max(1, 32 // config.data.image_size)

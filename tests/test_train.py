@@ -1,0 +1,134 @@
+"""End to end: train a tiny config, checkpoint, resume, sample; TFDS datasets through mock_data; bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import digits as digits_config
+from ddjax import checkpoint, config as config_lib, sample, train
+from ddjax.models import create_model
+from ddjax.validation import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(data_dir, **overrides):
+  """A few-second config: 8×8 images, a 2-level U-Net with every block type, T=50, 4 steps."""
+  config = digits_config.get_config()
+  config.data.data_dir = data_dir
+  config.data.batch_size = 16
+  config.model.update(ch=16, num_levels=2, blocks='res,clsAtn,chnAtn', t_dim=32, c_dim=32, num_heads=2)
+  config.diffusion.num_timesteps = 50
+  config.train.update(num_steps=4, log_every=2, checkpoint_every=2, sample_every=4, warmup_steps=2)
+  config.sample.update(num_samples=12, batch_size=12, num_steps=5)
+  for key, value in overrides.items():
+    section, name = key.split('.')
+    config[section][name] = value
+  return config
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+@pytest.fixture(scope='module')
+def trained(data_dir, tmp_path_factory):
+  """A 4-step run, then a resumed run to step 6, in one workdir."""
+  workdir = str(tmp_path_factory.mktemp('run'))
+  first = train.train_and_evaluate(tiny_config(data_dir), workdir)
+  resumed = train.train_and_evaluate(tiny_config(data_dir, **{'train.num_steps': 6}), workdir)
+  return workdir, first, resumed
+
+
+def test_train_writes_metrics_checkpoints_samples(trained):
+  workdir, first, resumed = trained
+  assert int(first.step) == 4 and int(resumed.step) == 6
+  records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert [r['step'] for r in records] == [2, 4, 6]
+  for record in records:
+    for key in ('loss', 'steps_per_sec', 'mse', 'vb', 'grad_norm', 'param_norm', 'loss_q0', 'loss_q3'):
+      assert np.isfinite(record[key]), key
+  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))) == [2, 4, 6]
+  assert sorted(os.listdir(os.path.join(workdir, 'samples'))) == ['step_0000004.png', 'step_0000006.png']
+  assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir))
+
+
+def test_checkpoint_restores_same_params(trained, data_dir):
+  workdir, first, _ = trained
+  config = tiny_config(data_dir)
+  model = create_model(config)
+  template = train.create_train_state(config, model, train.make_optimizer(config.train))
+  manager = checkpoint.create_manager(workdir, read_only=True)
+  restored = checkpoint.restore(manager, template, step=4)
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(first)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_sample_mode_writes_adm_npz(trained, data_dir):
+  workdir, _, _ = trained
+  config = tiny_config(data_dir)
+  config.sample.update(num_samples=20, batch_size=12, class_label=3, checkpoint_step=4)
+  images, labels = sample.sample_and_save(config, workdir)
+  path = os.path.join(workdir, 'samples', 'samples_20x8x8x1_step4.npz')
+  saved = np.load(path)
+  assert saved['arr_0'].shape == (20, 8, 8, 1) and saved['arr_0'].dtype == np.uint8
+  np.testing.assert_array_equal(saved['arr_1'], 3)
+  np.testing.assert_array_equal(saved['arr_0'], images)
+  assert os.path.exists(path.replace('.npz', '.png'))
+  config.sample.update(class_label=-1, checkpoint_step=None, sampler='ddpm', num_steps=None, step_size=10,
+                       guidance=0.0)
+  _, labels = sample.sample_and_save(config, workdir)
+  assert labels.min() >= 0 and labels.max() < 10
+
+
+@pytest.mark.parametrize('dataset, image_size, num_channels', [
+    ('mnist', 8, 1), ('cifar10', 8, 3), ('imagenet_resized/64x64', 8, 3)])
+def test_tfds_datasets_through_mock_data(dataset, image_size, num_channels, tmp_path):
+  config = tiny_config(None, **{'data.dataset': dataset, 'data.num_channels': num_channels,
+                                'data.image_size': image_size, 'train.num_steps': 2, 'train.sample_every': 0})
+  config.data.num_classes = 10 if dataset != 'imagenet_resized/64x64' else 1000
+  with tfds.testing.mock_data(num_examples=32):
+    state = train.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 2
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
+
+
+@pytest.mark.parametrize('overrides, key', [
+    ({'model.blocks': 'res,bogus'}, 'model.blocks'),
+    ({'data.image_size': 6, 'model.num_levels': 3}, 'data.image_size'),
+    ({'data.num_classes': 0, 'sample.guidance': 1.0}, 'sample.guidance'),
+    ({'diffusion.loss': 'simple'}, 'diffusion.loss'),
+    ({'sample.step_size': 100}, 'sample.step_size'),
+])
+def test_bad_config_is_one_line(overrides, key):
+  config = tiny_config(None, **overrides)
+  with pytest.raises(ConfigError) as error:
+    config_lib.validate(config)
+  assert str(error.value).startswith(key + '=') and '\n' not in str(error.value)
+
+
+def run_cli(args, env_extra=None):
+  env = dict(os.environ, **(env_extra or {}))
+  return subprocess.run([sys.executable, '-m', 'ddjax.main', '--config', 'configs/digits.py', *args],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_batch_not_divisible_by_devices_exits_2(tmp_path):
+  result = run_cli(['--workdir', str(tmp_path), '--config.data.batch_size=12'],
+                   {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+  assert result.returncode == 2
+  message = [line for line in result.stderr.splitlines() if line.startswith('ddjax:')]
+  assert message == ['ddjax: invalid config: data.batch_size=12 is invalid; allowed: a multiple of the global '
+                     'device count 8']
+  assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))
+
+
+def test_cli_sample_without_checkpoint_fails_clearly(tmp_path):
+  result = run_cli(['--workdir', str(tmp_path), '--mode', 'sample'])
+  assert result.returncode == 1 and 'no checkpoint in' in result.stderr

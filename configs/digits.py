@@ -42,7 +42,7 @@ def get_config():
   model.c_dim = 128
 
   config.train = train = ml_collections.ConfigDict()
-  train.num_steps = 3000
+  train.num_steps = 1500
   train.learning_rate = 1e-3
   train.warmup_steps = 200
   train.weight_decay = 0.0
@@ -50,14 +50,14 @@ def get_config():
   train.ema_decay = 0.999
   train.p_uncond = 0.2
   train.log_every = 100
-  train.checkpoint_every = 1000
-  train.sample_every = 1000
+  train.checkpoint_every = 500
+  train.sample_every = 500
   train.keep_checkpoints = 3
 
   config.sample = sample = ml_collections.ConfigDict()
   sample.sampler = 'ddim'
-  sample.num_steps = config_dict.placeholder(int)
-  sample.step_size = config_dict.placeholder(int)
+  sample.num_steps = config_dict.FieldReference(50, field_type=int)  # DDIM-50: 0, 20, ..., 980
+  sample.step_size = config_dict.placeholder(int)  # when set, used instead of num_steps (the seed's knob)
   sample.eta = 0.0
   sample.ddim_scale = config_dict.placeholder(float)
   sample.guidance = 1.0

@@ -38,8 +38,6 @@ def validate(config):
     check(train[key] >= 0, f'train.{key}', train[key], '>= 0 (0 = only at the end)')
 
   check_choice('sample.sampler', sample.sampler, samplers.SAMPLERS)
-  check(sample.num_steps is None or sample.step_size is None, 'sample.step_size', sample.step_size,
-        'None when sample.num_steps is set (choose one)')
   T = diff.num_timesteps
   check(sample.num_steps is None or 1 <= sample.num_steps <= T, 'sample.num_steps', sample.num_steps,
         f'None or 1..{T} (diffusion.num_timesteps)')

@@ -17,6 +17,8 @@ def make_generate_fn(config, model, betas):
   sample_config, diffusion_config = config.sample, config.diffusion
   num_classes = config.data.num_classes or None
   shape_hw = (config.data.image_size, config.data.image_size, config.data.num_channels)
+  # sample.step_size, when set, is used instead of sample.num_steps (a config default can't be unset from flags).
+  num_steps = None if sample_config.step_size is not None else sample_config.num_steps
 
   @jax.jit
   def generate(params, rng, labels):
@@ -25,7 +27,7 @@ def make_generate_fn(config, model, betas):
 
     return samplers.sample(
         model_fn, betas, shape=(labels.shape[0],) + shape_hw, rng=rng,
-        sampler=sample_config.sampler, num_steps=sample_config.num_steps, step_size=sample_config.step_size,
+        sampler=sample_config.sampler, num_steps=num_steps, step_size=sample_config.step_size,
         eta=sample_config.eta, ddim_scale=sample_config.ddim_scale, guidance=sample_config.guidance,
         labels=labels if num_classes else None, num_classes=num_classes, prediction=diffusion_config.prediction,
         variance=diffusion_config.variance, clip_x0=sample_config.clip_x0)

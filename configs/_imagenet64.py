@@ -2,20 +2,13 @@
 
 Config files are loaded by path (ml_collections config_flags), so siblings are loaded by path as well.
 """
-import importlib.util
 import pathlib
 
-
-def _load_sibling(name):
-  path = pathlib.Path(__file__).with_name(name)
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from ddjax.config import load_config_module
 
 
 def get_config(*, blocks, ch=128):
-  config = _load_sibling('digits.py').get_config()
+  config = load_config_module(pathlib.Path(__file__).with_name('digits.py')).get_config()
 
   data = config.data
   data.dataset = 'imagenet_resized/64x64'

@@ -20,6 +20,7 @@ def get_config():
   data.batch_size = 128  # global batch, split over every device of every host
   data.random_flip = False  # digits are not mirror-symmetric
   data.shuffle_buffer = 4096
+  data.num_shards = 0  # 0: one data shard per process; fixed N: the same data order on any host count dividing N
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.num_timesteps = 1000
@@ -47,6 +48,7 @@ def get_config():
   train.warmup_steps = 200
   train.weight_decay = 0.0
   train.grad_clip = 1.0
+  train.grad_accum_steps = 1  # micro-batches per device batch (the seed's gradAccSteps)
   train.ema_decay = 0.999
   train.p_uncond = 0.2
   train.log_every = 100

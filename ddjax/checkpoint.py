@@ -1,32 +1,145 @@
-"""Orbax checkpoints of the whole TrainState under `<workdir>/checkpoints`."""
-import os
+"""Orbax checkpoints of the whole TrainState under `<workdir>/checkpoints`, verified on restore.
 
+A save is atomic (orbax writes `<step>.orbax-checkpoint-tmp` and renames it when complete) and records a CRC32 of
+every array, because orbax restores flipped bytes inside an array's data without complaint. Training resumes
+from the newest checkpoint that restores and matches its CRC; newer broken ones are moved out of the way.
+"""
+import contextlib
+import os
+import time
+import zlib
+
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+_TMP_SUFFIX = '.orbax-checkpoint-tmp'  # orbax's name for a save that never completed
+_CRC_KEY = 'ddjax_crc32'
 
-class CheckpointNotFoundError(FileNotFoundError):
+
+class CheckpointError(Exception):
+  """A checkpoint that is missing, unreadable, or could not be written; `str()` is one line for the user."""
+
+
+class CheckpointNotFoundError(CheckpointError):
   """No (or no such) checkpoint in the workdir."""
 
 
+class CheckpointCorruptError(CheckpointError):
+  """A checkpoint that fails to restore or does not match the CRC recorded when it was saved."""
+
+
+class CheckpointSaveError(CheckpointError):
+  """Writing a checkpoint failed (a full disk, a lost mount); the checkpoints before it are untouched."""
+
+
 def create_manager(workdir: str, *, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
-  """Async CheckpointManager keeping the newest `keep` steps (orbax runs the multi-host protocol itself)."""
+  """Async CheckpointManager keeping the newest `keep` steps (orbax runs the multi-host protocol itself).
+
+  Orbax deletes the oldest step only after a newer save has completed, and ddjax saves only finite states, so
+  keeping N never leaves zero good checkpoints.
+  """
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
                                          enable_async_checkpointing=not read_only)
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')), options=options)
 
 
+def _crc32(state) -> int:
+  """CRC32 of every array's bytes, in tree order."""
+  crc = 0
+  for leaf in jax.tree.leaves(jax.device_get(state)):
+    crc = zlib.crc32(np.ascontiguousarray(leaf).data, crc)
+  return crc
+
+
+@contextlib.contextmanager
+def _save_errors(manager):
+  """OSError from a save (raised by the save itself, or by the next wait for an async one) -> one line."""
+  try:
+    yield
+  except OSError as error:
+    raise CheckpointSaveError(f'writing a checkpoint to {manager.directory} failed ({error}); the checkpoints '
+                              f'saved before it are untouched') from None
+
+
 def save(manager: ocp.CheckpointManager, step: int, state) -> None:
-  """Start an async save of `state` at `step` (returns once the arrays are copied off the devices)."""
-  manager.save(step, args=ocp.args.StandardSave(state))
+  """Start an async save of `state` at `step`, after the previous save has completed."""
+  with _save_errors(manager):
+    manager.save(step, args=ocp.args.StandardSave(state), custom_metadata={_CRC_KEY: _crc32(state)})
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+  """Block until the last save has completed (is renamed into place)."""
+  with _save_errors(manager):
+    manager.wait_until_finished()
+
+
+def _restore_step(manager, template, step: int):
+  try:
+    state = manager.restore(step, args=ocp.args.StandardRestore(template))
+    recorded = manager.metadata(step).custom_metadata.get(_CRC_KEY)
+  except Exception as error:  # a truncated or garbled checkpoint fails anywhere in orbax, tensorstore or json
+    reason = ' '.join(str(error).split())[:200] or type(error).__name__
+    raise CheckpointCorruptError(f'checkpoint {step} in {manager.directory} cannot be restored: {reason}') from None
+  if recorded != _crc32(state):
+    raise CheckpointCorruptError(f'checkpoint {step} in {manager.directory} is corrupt: its data does not match '
+                                 f'the CRC32 recorded when it was saved')
+  return state
 
 
 def restore(manager: ocp.CheckpointManager, template, step: int | None = None):
   """The state saved at `step` (newest when None), with the structure and dtypes of `template`."""
-  steps = manager.all_steps()
+  steps = sorted(manager.all_steps())
   if not steps:
     raise CheckpointNotFoundError(f'no checkpoint in {manager.directory}; train first (--mode train)')
-  step = max(steps) if step is None else step
+  step = steps[-1] if step is None else step
   if step not in steps:
     raise CheckpointNotFoundError(f'sample.checkpoint_step={step}: no such checkpoint in {manager.directory}; '
-                                  f'available steps: {sorted(steps)}')
-  return manager.restore(step, args=ocp.args.StandardRestore(template))
+                                  f'available steps: {steps}')
+  try:
+    return _restore_step(manager, template, step)
+  except CheckpointCorruptError as error:
+    others = [s for s in steps if s != step]
+    raise CheckpointCorruptError(f'{error}; other steps: {others} (pick one with --config.sample.checkpoint_step)'
+                                 if others else str(error)) from None
+
+
+def resume(manager: ocp.CheckpointManager, template, warn):
+  """The newest checkpoint that restores intact, or None when there is none at all.
+
+  Broken checkpoints newer than it, and saves that never completed, are reported through `warn(line)`. The
+  broken ones are moved to `<workdir>/checkpoints.corrupt/` (kept for inspection): left in place they would
+  stop orbax from saving any step up to theirs, and a step directory is never saved over.
+  """
+  for name in sorted(os.listdir(manager.directory)):
+    if _TMP_SUFFIX in name:  # orbax deletes it when that step is saved again
+      warn(f'warning: ignoring {os.path.join(manager.directory, name)}: a save that was interrupted')
+  broken = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      state = _restore_step(manager, template, step)
+    except CheckpointCorruptError as error:
+      broken.append((step, error))
+      continue
+    _move_aside(manager, broken, warn)
+    return state
+  if broken:
+    raise CheckpointCorruptError(f'no checkpoint in {manager.directory} restores intact (newest: {broken[0][1]}); '
+                                 f'move them away to start from scratch')
+  return None
+
+
+def _move_aside(manager, broken, warn):
+  """Moves the broken steps out of the checkpoint directory (process 0; the others wait) and reloads."""
+  if not broken:
+    return
+  aside = os.path.join(os.path.dirname(manager.directory), 'checkpoints.corrupt')
+  for step, error in broken:
+    destination = os.path.join(aside, f'{step}.{time.strftime("%Y%m%d-%H%M%S")}')
+    warn(f'warning: {error}; moved it to {destination}')
+    if jax.process_index() == 0:
+      os.makedirs(aside, exist_ok=True)
+      os.rename(os.path.join(manager.directory, str(step)), destination)
+  if jax.process_count() > 1:
+    ocp.multihost.sync_global_processes('ddjax_checkpoints_moved_aside')
+  manager.reload()

@@ -6,7 +6,10 @@ its i-th example uses a stateless key derived from the same key, e and i. Resumi
 starts directly at epoch s*host_batch // n (n examples per host) and skips only the rest within
 it, so resuming costs no more after many epochs than after one.
 """
+import os
 from collections.abc import Iterator
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # tf.data only: keep TensorFlow's C++ banner off the console
 
 import jax
 import numpy as np
@@ -14,6 +17,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import ddjax.datasets  # noqa: F401  (registers the 'digits' builder with TFDS)
+from ddjax.validation import check, fail
+
+tf.config.set_visible_devices([], 'GPU')  # TensorFlow must not take accelerator memory from JAX
 
 # Offline datasets that ddjax prepares itself on first use.
 _BUILT_IN = ('digits',)
@@ -33,34 +39,48 @@ def create_dataset(config, *, split='train', start_step=0, process_index=None,
 
   b = config.data.batch_size // process_count (process_* default to jax.process_index/count()).
 
-  Each host reads only its own shard of `split`. `start_step=s` yields exactly the batches a fresh
-  iterator yields from its s-th batch on.
+  The split is cut into `data.num_shards` equal shards (0: one per process). Process p reads only its
+  contiguous shards p·k … (p+1)·k − 1 (k = num_shards / process_count), each shuffled and batched on its
+  own, and yields their concatenation. The global batch (every process's batch, in process order) is thus
+  a function of (seed, num_shards) alone: a fixed num_shards gives the same training on any number of
+  hosts that divides it. `start_step=s` yields exactly the batches a fresh iterator yields from its s-th on.
   """
   data = config.data
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
-  if data.batch_size % process_count:
-    raise ValueError(f'config.data.batch_size={data.batch_size} is not divisible by the '
-                     f'process count {process_count}')
-  host_batch = data.batch_size // process_count
-
+  num_shards = data.num_shards or process_count
+  check(num_shards % process_count == 0, 'data.num_shards', data.num_shards,
+        f'0 (one shard per process) or a multiple of the process count {process_count}')
+  check(data.batch_size % num_shards == 0, 'data.batch_size', data.batch_size,
+        f'a multiple of the number of data shards {num_shards}')
   builder = _prepared_builder(data.dataset, data.data_dir)
-  host_split = tfds.split_for_jax_process(split, process_index=process_index,
-                                          process_count=process_count, drop_remainder=True)
+  per_process = num_shards // process_count
+  shards = [_shard_batches(config, builder, split, shard, num_shards, start_step)
+            for shard in range(process_index * per_process, (process_index + 1) * per_process)]
+  ds = shards[0] if len(shards) == 1 else tf.data.Dataset.zip(tuple(shards)).map(
+      lambda *batches: {k: tf.concat([b[k] for b in batches], axis=0) for k in batches[0]})
+  return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+
+def _shard_batches(config, builder, split, shard, num_shards, start_step) -> tf.data.Dataset:
+  """Shard `shard` of `num_shards` of the split: shuffled per epoch, batched, resumed at `start_step`."""
+  data = config.data
+  shard_batch = data.batch_size // num_shards
+  shard_split = tfds.split_for_jax_process(split, process_index=shard, process_count=num_shards,
+                                           drop_remainder=True)
   # Images stay encoded until after the resume skip, so skipping does not pay for decoding.
-  examples = _read(builder, host_split, decoders={'image': tfds.decode.SkipDecoding()})
+  examples = _read(builder, shard_split, decoders={'image': tfds.decode.SkipDecoding()})
   # The dataset's own cardinality, not builder.info: under tfds.testing.mock_data the split sizes
   # are unknown.
-  examples_per_host = int(examples.cardinality())
-  if examples_per_host < host_batch:
-    raise ValueError(f'config.data.batch_size={data.batch_size}: each of the {process_count} hosts '
-                     f'gets {examples_per_host} examples of {data.dataset!r} {split!r}, fewer '
-                     f'than its batch of {host_batch}')
+  examples_per_shard = int(examples.cardinality())
+  check(examples_per_shard >= shard_batch, 'data.batch_size', data.batch_size,
+        f'at most {examples_per_shard * num_shards}: each of the {num_shards} data shards has '
+        f'{examples_per_shard} examples of {data.dataset!r} {split!r}, fewer than its batch of {shard_batch}')
 
-  key = tf.constant([config.seed, process_index], tf.int64)
+  key = tf.constant([config.seed, shard], tf.int64)
 
   def epoch(epoch_index):
-    """The host's shard in the order of `epoch_index`, each example with its own flip key."""
+    """The shard in the order of `epoch_index`, each example with its own flip key."""
     epoch_key = tf.random.experimental.stateless_fold_in(key, epoch_index)
     shuffle_seed = tf.random.stateless_uniform([], epoch_key, minval=None, maxval=None,
                                                dtype=tf.int64)
@@ -79,14 +99,12 @@ def create_dataset(config, *, split='train', start_step=0, process_index=None,
     label = tf.cast(example['label'], tf.int32) if has_labels else tf.constant(0, tf.int32)
     return {'image': image, 'label': label}
 
-  position = start_step * host_batch
-  ds = (tf.data.Dataset.range(position // examples_per_host, np.iinfo(np.int64).max)
-        .flat_map(epoch)
-        .skip(position % examples_per_host)
-        .map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-        .batch(host_batch, drop_remainder=True)
-        .prefetch(tf.data.AUTOTUNE))
-  return ds.as_numpy_iterator()
+  position = start_step * shard_batch
+  return (tf.data.Dataset.range(position // examples_per_shard, np.iinfo(np.int64).max)
+          .flat_map(epoch)
+          .skip(position % examples_per_shard)
+          .map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+          .batch(shard_batch, drop_remainder=True))
 
 
 def _prepared_builder(name, data_dir):
@@ -140,6 +158,5 @@ def _to_model_space(image, image_size, num_channels):
   elif channels == 3 and num_channels == 1:
     image = tf.image.rgb_to_grayscale(image)
   elif channels != num_channels:
-    raise ValueError(f'config.data.num_channels={num_channels}: cannot convert the dataset\'s '
-                     f'{channels}-channel images (allowed: {channels}, or 1 <-> 3)')
+    fail('data.num_channels', num_channels, f'{channels} (the dataset\'s channels), or 1 <-> 3')
   return image / 127.5 - 1.0

@@ -1,18 +1,20 @@
 """Images from a trained network: the compiled sampling function, pixel conversion, PNG grids and ADM-style npz."""
+import functools
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
-from ddjax import samplers
+from ddjax import parallel, samplers
 
 
-def make_generate_fn(config, model, betas):
+def make_generate_fn(config, model, betas, mesh):
   """jit(params, rng, labels [B]) -> float32 samples [B, H, W, C] in model space, compiled once per batch size.
 
-  Honours every `config.sample` key; an unconditional model (num_classes 0) ignores `labels`.
+  The batch is split over every device of `mesh` (params replicated); per-example noise keys make the samples
+  independent of the device count. Honours every `config.sample` key; an unconditional model ignores `labels`.
   """
   sample_config, diffusion_config = config.sample, config.diffusion
   num_classes = config.data.num_classes or None
@@ -20,7 +22,9 @@ def make_generate_fn(config, model, betas):
   # sample.step_size, when set, is used instead of sample.num_steps (a config default can't be unset from flags).
   num_steps = None if sample_config.step_size is not None else sample_config.num_steps
 
-  @jax.jit
+  sharded = NamedSharding(mesh, PartitionSpec(parallel.AXIS))
+
+  @functools.partial(jax.jit, out_shardings=sharded)
   def generate(params, rng, labels):
     def model_fn(x_t, t, y):
       return model.apply({'params': params}, x_t, t, y, train=False)
@@ -35,9 +39,11 @@ def make_generate_fn(config, model, betas):
   return generate
 
 
-def generate_images(generate, params, rng, *, num_samples: int, batch_size: int, num_classes: int,
+def generate_images(generate, params, rng, *, mesh, num_samples: int, batch_size: int, num_classes: int,
                     class_label: int = -1, cycle_classes: bool = False):
   """(uint8 images [N, H, W, C], int labels [N]) drawn in batches; the last batch is padded and trimmed.
+
+  Every process calls this with the same arguments (the batches span all hosts' devices); each gets all images.
 
   Labels: `class_label` for all, random real classes for −1, or 0, 1, …, num_classes−1 repeating when
   `cycle_classes` (grids with one class per column).
@@ -50,11 +56,12 @@ def generate_images(generate, params, rng, *, num_samples: int, batch_size: int,
   else:
     labels = np.asarray(samplers.draw_labels(label_rng, num_samples, num_classes=num_classes,
                                              class_label=class_label))
+  params = parallel.global_replicated(mesh, params)
   images = []
   for start in range(0, num_samples, batch_size):
     batch_labels = np.resize(labels[start:start + batch_size], batch_size)  # pad the last batch
-    x = generate(params, jax.random.fold_in(sample_rng, start), jnp.asarray(batch_labels))
-    images.append(to_uint8(np.asarray(x))[:num_samples - start])
+    x = generate(params, jax.random.fold_in(sample_rng, start), parallel.global_sharded(mesh, batch_labels))
+    images.append(to_uint8(parallel.fetch(x))[:num_samples - start])
   return np.concatenate(images), labels
 
 

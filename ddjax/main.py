@@ -1,4 +1,5 @@
 """Entry point: python -m ddjax.main --config configs/<name>.py --workdir <dir> [--mode train|sample]."""
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -11,30 +12,66 @@ config_flags.DEFINE_config_file('config', None, 'Config file (ml_collections); o
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints/, metrics.jsonl, samples/.')
 flags.DEFINE_enum('mode', 'train', ['train', 'sample'], 'train (resumes automatically) or sample.')
+flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0 (or DDJAX_COORDINATOR_ADDRESS).')
+flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes (or DDJAX_NUM_PROCESSES).')
+flags.DEFINE_integer('process_id', None, 'Multi-host: this process, 0..num_processes-1 (or DDJAX_PROCESS_ID).')
+flags.DEFINE_integer('coordinator_timeout', 300, 'Multi-host: seconds to wait for all processes to connect.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-EXIT_CONFIG_ERROR = 2  # an invalid setting: nothing was built or compiled
+EXIT_CONFIG_ERROR = 2  # an invalid setting or flag: nothing was built, compiled or written
+EXIT_FAILED = 1  # no data, a missing or corrupt checkpoint, a busy or unwritable workdir, a failed save, NaN
+EXIT_PREEMPTED = 128 + signal.SIGTERM  # 143, the status of a process killed by SIGTERM; its checkpoint is saved
+
+
+def parse_flags(argv):
+  """absl's flag parsing, except that a bad --config value, key or file is one line and exit status 2."""
+  try:
+    argv = FLAGS(argv)
+    FLAGS.config.keys()  # a config file that failed to load raises only when first read
+    return argv
+  except (flags.Error, AttributeError, KeyError, OSError) as error:
+    # ml_collections raises AttributeError(KeyError(message)) for an unknown key, OSError for a bad file.
+    unknown_key = isinstance(error, (AttributeError, KeyError))
+    while error.args and isinstance(error.args[0], BaseException):
+      error = error.args[0]
+    message = ' '.join(str(error.args[0] if error.args else error).split())
+    kind = 'flags' if isinstance(error, flags.Error) and not message.startswith('flag --config') else 'config'
+    exit_with(f'invalid {kind}: {"unknown key " if unknown_key else ""}{message}', EXIT_CONFIG_ERROR)
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax and clu log every save at INFO; our console lines suffice
-  # Heavy imports after flag parsing, so --help is instant.
+  # Heavy imports after flag parsing, so --help is instant; TensorFlow (imported by train and sample) only once
+  # the config is valid, so an invalid setting prints its one line and nothing else.
+  from ddjax import config as config_lib, distributed
+  try:
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                           timeout_s=FLAGS.coordinator_timeout)
+    config_lib.validate(FLAGS.config)
+  except ConfigError as error:
+    exit_with(f'invalid config: {error}', EXIT_CONFIG_ERROR)
   from ddjax import sample, train
-  from ddjax.checkpoint import CheckpointNotFoundError
+  from ddjax.checkpoint import CheckpointError
   from ddjax.data import DatasetNotFoundError
+  from ddjax.workdir import WorkdirError
   try:
     if FLAGS.mode == 'train':
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     else:
       sample.sample_and_save(FLAGS.config, FLAGS.workdir)
   except ConfigError as error:
-    print(f'ddjax: invalid config: {error}', file=sys.stderr)
-    sys.exit(EXIT_CONFIG_ERROR)
-  except (DatasetNotFoundError, CheckpointNotFoundError) as error:
-    print(f'ddjax: {error}', file=sys.stderr)
-    sys.exit(1)
+    exit_with(f'invalid config: {error}', EXIT_CONFIG_ERROR)
+  except train.Preempted as stop:
+    exit_with(str(stop), EXIT_PREEMPTED)
+  except (DatasetNotFoundError, CheckpointError, WorkdirError, FloatingPointError) as error:
+    exit_with(str(error), EXIT_FAILED)
+
+
+def exit_with(message: str, status: int):
+  print(f'ddjax: {message}', file=sys.stderr)
+  sys.exit(status)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

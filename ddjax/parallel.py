@@ -4,11 +4,13 @@ The model and the math know nothing about devices. A step function is written on
 the batch, with `axis_name` naming the data axis for its collectives (`lax.pmean`, `lax.axis_index`); this module
 maps it over every device of every host. The train state is replicated; the global batch is split over devices.
 """
+import collections
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ddjax.validation import check, check_choice
@@ -24,6 +26,11 @@ def validate(config):
   devices = jax.device_count()
   check(config.data.batch_size % devices == 0, 'data.batch_size', config.data.batch_size,
         f'a multiple of the global device count {devices}')
+  accum = config.train.grad_accum_steps
+  check(accum >= 1 and (config.data.batch_size // devices) % accum == 0, 'train.grad_accum_steps', accum,
+        f'>= 1 and a divisor of the per-device batch {config.data.batch_size // devices}')
+  check(config.sample.batch_size % devices == 0, 'sample.batch_size', config.sample.batch_size,
+        f'a multiple of the global device count {devices} (sampling is split over devices)')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +47,11 @@ class DataParallel:
   @property
   def local_device_count(self) -> int:
     return jax.local_device_count()
+
+  @property
+  def _pmap_sharding(self) -> NamedSharding:
+    """pmap's layout: the leading axis split over this host's devices."""
+    return NamedSharding(Mesh(np.asarray(jax.local_devices()), (AXIS,)), PartitionSpec(AXIS))
 
   def map(self, fn, *, donate_state: bool = True):
     """fn(replicated, sharded, *, axis_name) -> (replicated outputs) compiled over all devices.
@@ -61,23 +73,58 @@ class DataParallel:
   # -- placement ---------------------------------------------------------------------------------------------
 
   def replicate(self, tree):
-    """Host tree -> the replicated layout `map`'s first argument expects."""
-    if self.mode == 'pmap':  # a leading axis of local devices; pmap places one slice on each
-      return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (self.local_device_count,) + np.shape(x)), tree)
-    return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec()))
+    """Host tree -> the replicated layout `map`'s first argument expects, in fresh buffers (`map` donates it)."""
+    if self.mode == 'pmap':  # a leading axis of local devices, one slice on each
+      return jax.tree.map(lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (self.local_device_count,)
+                                                                   + np.shape(x)), self._pmap_sharding), tree)
+    return global_replicated(self.mesh, tree)
 
   def unreplicate(self, tree):
-    """Replicated layout -> one copy (what gets checkpointed, logged, or sampled with)."""
+    """Replicated layout -> one host (numpy) copy: what gets checkpointed, logged, or sampled with. Reads this
+    process's first device only, so it works when the arrays span several hosts."""
     if self.mode == 'pmap':
-      return jax.tree.map(lambda x: x[0], tree)
-    return tree
+      return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
   def shard_batch(self, host_batch):
     """This host's numpy batch (leading axis = host batch) -> the layout `map`'s second argument expects."""
     if self.mode == 'pmap':
-      return jax.tree.map(lambda x: x.reshape((self.local_device_count, -1) + x.shape[1:]), host_batch)
+      return jax.tree.map(lambda x: jax.device_put(x.reshape((self.local_device_count, -1) + x.shape[1:]),
+                                                   self._pmap_sharding), host_batch)
     sharding = NamedSharding(self.mesh, PartitionSpec(AXIS))
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), host_batch)
+
+
+# -- sampling and evaluation: plain jit over global arrays on the same mesh ----------------------------------
+
+def global_replicated(mesh: Mesh, tree):
+  """A tree (identical on every process) as global arrays replicated on every device, copied via the host so
+  the result never aliases the input."""
+  return jax.device_put(jax.device_get(tree), NamedSharding(mesh, PartitionSpec()))
+
+
+def global_sharded(mesh: Mesh, array: np.ndarray):
+  """A host array (identical on every process) as a global array split along its leading axis."""
+  sharding = NamedSharding(mesh, PartitionSpec(AXIS))
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def fetch(array) -> np.ndarray:
+  """A global array, whole, as numpy on every process."""
+  if array.is_fully_addressable:
+    return np.asarray(array)
+  return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def prefetch(batches, place, size: int = 2):
+  """Yields place(batch) while the next `size` batches are already being copied to the devices (device_put is
+  asynchronous, so placing ahead overlaps the copy with the running step)."""
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(place(batch))
+    if len(queue) > size:
+      yield queue.popleft()
+  yield from queue
 
 
 def device_index(axis_name):

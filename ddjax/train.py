@@ -1,7 +1,10 @@
 """Training: the TrainState, the pure train step, and `train_and_evaluate`."""
+import contextlib
 import functools
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -11,8 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from clu import metric_writers
+from jax.experimental import multihost_utils
 
 from ddjax import checkpoint, config as config_lib, data, diffusion, generate, parallel, schedules
+from ddjax import workdir as workdir_lib
 from ddjax.models import create_model
 
 
@@ -48,8 +53,14 @@ def init_params(config, model, rng):
 def create_train_state(config, model, tx) -> TrainState:
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   params = init_params(config, model, init_rng)
-  return TrainState(step=jnp.int32(0), params=params, ema_params=params, opt_state=tx.init(params),
-                    rng=jax.random.key_data(train_rng))
+  # The EMA gets its own buffers: the step donates the state, and one buffer cannot be donated twice.
+  return TrainState(step=jnp.int32(0), params=params, ema_params=jax.tree.map(jnp.copy, params),
+                    opt_state=tx.init(params), rng=jax.random.key_data(train_rng))
+
+
+def abstract_train_state(config, model) -> TrainState:
+  """The TrainState's shapes and dtypes, computed without initialising anything: a restore template."""
+  return jax.eval_shape(lambda: create_train_state(config, model, make_optimizer(config.train)))
 
 
 def ema_decay_at(step, ema_decay: float):
@@ -62,11 +73,13 @@ def ema_decay_at(step, ema_decay: float):
 # ----------------------------------------------------------------------------------------------------------------
 
 def train_step(state: TrainState, batch, *, model, tx, schedule, prediction, variance, loss, hybrid_lambda,
-               num_classes, p_uncond, ema_decay, axis_name=None):
+               num_classes, p_uncond, ema_decay, grad_accum_steps=1, axis_name=None):
   """One AdamW update on the diffusion loss; returns (new state, metrics averaged over all devices).
 
   Randomness: per-example keys folded from (state rng, step, global example index), so t, ε and label dropout
-  do not depend on how the global batch is split over devices; dropout masks use a per-device key.
+  do not depend on how the global batch is split over devices or micro-batches; dropout masks use a key per
+  device and micro-batch. With grad_accum_steps k the device's batch is processed as k micro-batches whose
+  gradients are averaged: the same update as one batch, at 1/k of the activation memory.
   """
   images, labels = batch['image'], batch['label']
   local_batch = images.shape[0]
@@ -81,19 +94,32 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, prediction, var
   if num_classes:  # classifier-free guidance: train the null class on a p_uncond fraction
     drop = jax.vmap(lambda k: jax.random.bernoulli(k, p_uncond))(drop_keys)
     labels = jnp.where(drop, num_classes, labels)
-  else:
-    labels = None
-  x_t = diffusion.q_sample(schedule, x0=images, t=t, eps=eps)
+  examples = {'x0': images, 'x_t': diffusion.q_sample(schedule, x0=images, t=t, eps=eps), 't': t, 'eps': eps,
+              'labels': labels if num_classes else None}
   dropout_key = jax.random.fold_in(dropout_root, parallel.device_index(axis_name))
 
-  def loss_fn(params):
-    output = model.apply({'params': params}, x_t, t, labels, train=True, rngs={'dropout': dropout_key})
-    terms = diffusion.training_losses(schedule, output.astype(jnp.float32), x0=images, x_t=x_t, t=t, eps=eps,
-                                      prediction=prediction, variance=variance, loss=loss,
-                                      hybrid_lambda=hybrid_lambda)
+  def loss_fn(params, micro, micro_index):
+    output = model.apply({'params': params}, micro['x_t'], micro['t'], micro['labels'], train=True,
+                         rngs={'dropout': jax.random.fold_in(dropout_key, micro_index)})
+    terms = diffusion.training_losses(schedule, output.astype(jnp.float32), x0=micro['x0'], x_t=micro['x_t'],
+                                      t=micro['t'], eps=micro['eps'], prediction=prediction, variance=variance,
+                                      loss=loss, hybrid_lambda=hybrid_lambda)
     return jnp.mean(terms['loss']), terms
 
-  (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if grad_accum_steps == 1:
+    (_, terms), grads = grad_fn(state.params, examples, 0)
+  else:
+    micro_batches = jax.tree.map(lambda x: x.reshape((grad_accum_steps, -1) + x.shape[1:]), examples)
+
+    def accumulate(grad_sum, micro_and_index):
+      (_, micro_terms), micro_grads = grad_fn(state.params, *micro_and_index)
+      return jax.tree.map(jnp.add, grad_sum, micro_grads), micro_terms
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grad_sum, terms = jax.lax.scan(accumulate, zeros, (micro_batches, jnp.arange(grad_accum_steps)))
+    grads = jax.tree.map(lambda g: g / grad_accum_steps, grad_sum)
+    terms = jax.tree.map(lambda x: x.reshape(local_batch), terms)
   mean = functools.partial(jax.lax.pmean, axis_name=axis_name) if axis_name else (lambda x: x)
   grads = mean(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -152,14 +178,69 @@ def format_seconds(seconds: float) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Stopping safely: preemption (SIGTERM) and non-finite values
+# ----------------------------------------------------------------------------------------------------------------
+
+class Preempted(Exception):
+  """Training stopped on SIGTERM after its checkpoint at the current step was saved; `str()` is one line."""
+
+
+@contextlib.contextmanager
+def sigterm_flag():
+  """An Event that SIGTERM sets while the block runs; the loop polls it, the handler does nothing else."""
+  sigterm = threading.Event()
+  if jax.process_count() > 1:  # JAX's preemption notifier owns SIGTERM there (see preemption_requested)
+    yield sigterm
+    return
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: sigterm.set())
+  try:
+    yield sigterm
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def preemption_requested(step: int, sigterm: threading.Event) -> bool:
+  """Whether to save and stop after `step`; called after every step.
+
+  Every process must stop at the same step. One process reads its flag. A multi-host job asks JAX's preemption
+  sync point instead: the coordination service hears a SIGTERM on any host and picks one step (the highest step
+  any host has reached, plus one) at which this returns True on every host.
+  """
+  if jax.process_count() > 1:
+    return multihost_utils.reached_preemption_sync_point(step)
+  return sigterm.is_set()
+
+
+def check_finite(host_metrics: list, first_step: int, manager):
+  """FloatingPointError naming the first step (host_metrics[i] is step first_step + i) whose loss, gradient or
+  parameters are not finite. Called before every log and save, so no non-finite state is ever saved."""
+  for step, metrics in enumerate(host_metrics, first_step):
+    for key in ('loss', 'grad_norm', 'param_norm'):
+      if not np.isfinite(metrics[key]):
+        latest = manager.latest_step()
+        kept = 'no checkpoint was saved' if latest is None else f'the last good checkpoint (step {latest}) is kept'
+        raise FloatingPointError(f'non-finite {key} ({metrics[key]}) at step {step}; stopped without saving: {kept} '
+                                 f'in {manager.directory}')
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # train_and_evaluate
 # ----------------------------------------------------------------------------------------------------------------
 
 def train_and_evaluate(config, workdir: str):
-  """Train `config` in `workdir`, resuming from its newest checkpoint; writes metrics, checkpoints, samples."""
-  # -- Setup: everything validated before anything compiles. -------------------------------------------------
-  config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  """Train `config` in `workdir`, resuming from its newest intact checkpoint; writes metrics, checkpoints, samples.
+
+  Holds the workdir lock and a SIGTERM handler for the run. Raises Preempted after saving on SIGTERM,
+  FloatingPointError (having saved nothing since) on a non-finite loss, gradient or parameter, and ConfigError,
+  WorkdirError, CheckpointError or DatasetNotFoundError, each with a one-line message.
+  """
+  config_lib.validate(config)  # before anything is written, built or compiled
+  with workdir_lib.lock(workdir, warn=console), sigterm_flag() as sigterm:
+    return _train(config, workdir, sigterm)
+
+
+def _train(config, workdir: str, sigterm: threading.Event):
+  # -- Setup. -------------------------------------------------------------------------------------------------
   model = create_model(config)
   betas = schedules.get_betas(config.diffusion.schedule, config.diffusion.num_timesteps)
   schedule = schedules.make_schedule(betas)
@@ -168,41 +249,46 @@ def train_and_evaluate(config, workdir: str):
   log = MetricLog(workdir)
   num_steps = config.train.num_steps
 
-  # -- State: resume order is (1) newest checkpoint in workdir, (2) fresh init. ------------------------------
+  # -- State: resume order is (1) the newest checkpoint in workdir that restores intact (newer broken ones are
+  # moved aside, with a warning), (2) fresh init. The state holds step and RNG; the data position is the step.
   state = create_train_state(config, model, tx)
   manager = checkpoint.create_manager(workdir, keep=config.train.keep_checkpoints)
-  if manager.latest_step() is not None:
-    state = checkpoint.restore(manager, state)
+  restored = checkpoint.resume(manager, state, warn=console)
+  if restored is not None:
+    state = restored
     console(f'resumed from {manager.directory} at step {int(state.step)}')
   start_step = int(state.step)
   param_count = sum(x.size for x in jax.tree.leaves(state.params))
   console(f'{config.model.name}: {param_count:,} parameters; {jax.device_count()} devices '
           f'({jax.default_backend()}, {config.parallel.mode}); global batch {config.data.batch_size}')
 
-  dataset = data.create_dataset(config, start_step=start_step)
+  batches = parallel.prefetch(data.create_dataset(config, start_step=start_step), mapper.shard_batch)
   step_fn = mapper.map(functools.partial(
       train_step, model=model, tx=tx, schedule=schedule, prediction=config.diffusion.prediction,
       variance=config.diffusion.variance, loss=config.diffusion.loss, hybrid_lambda=config.diffusion.hybrid_lambda,
-      num_classes=config.data.num_classes, p_uncond=config.train.p_uncond, ema_decay=config.train.ema_decay))
-  generate_fn = generate.make_generate_fn(config, model, betas)
+      num_classes=config.data.num_classes, p_uncond=config.train.p_uncond, ema_decay=config.train.ema_decay,
+      grad_accum_steps=config.train.grad_accum_steps))
+  generate_fn = generate.make_generate_fn(config, model, betas, mapper.mesh)
   replicated = mapper.replicate(state)
 
   # -- Loop. --------------------------------------------------------------------------------------------------
   pending_metrics = []
   last_log_time, last_log_step, loop_start = time.time(), start_step, time.time()
   for step in range(start_step + 1, num_steps + 1):
-    batch = mapper.shard_batch(next(dataset))
-    replicated, metrics = step_fn(replicated, batch)
+    replicated, metrics = step_fn(replicated, next(batches))
     pending_metrics.append(metrics)
+    preempted = preemption_requested(step, sigterm)
+    save_now = preempted or should_run(step, config.train.checkpoint_every, num_steps)
+    log_now = should_run(step, config.train.log_every, num_steps)
 
-    if should_run(step, config.train.log_every, num_steps):
-      # NaN check on the host, at log time only: no sync in the hot path.
-      scalars = {k: float(np.mean([mapper.unreplicate(m)[k] for m in jax.device_get(pending_metrics)]))
-                 for k in pending_metrics[0]}
+    if save_now or log_now:
+      # Non-finite check on the host before every log and save only: no sync in the hot path.
+      host_metrics = jax.device_get([mapper.unreplicate(m) for m in pending_metrics])
+      check_finite(host_metrics, step + 1 - len(host_metrics), manager)
+
+    if log_now:
+      scalars = {k: float(np.mean([m[k] for m in host_metrics])) for k in host_metrics[0]}
       pending_metrics = []
-      if not np.isfinite(scalars['loss']):
-        raise FloatingPointError(f'non-finite loss {scalars["loss"]} at step {step}; the last good checkpoint '
-                                 f'in {manager.directory} is kept')
       now = time.time()
       scalars['steps_per_sec'] = (step - last_log_step) / (now - last_log_time)
       scalars['learning_rate'] = float(optax.linear_schedule(
@@ -213,19 +299,24 @@ def train_and_evaluate(config, workdir: str):
               f'ETA {format_seconds(eta)}')
       last_log_time, last_log_step = now, step
 
-    if should_run(step, config.train.checkpoint_every, num_steps):
+    if save_now:
       checkpoint.save(manager, step, mapper.unreplicate(replicated))
+    if preempted:
+      checkpoint.wait(manager)
+      raise Preempted(f'preempted (SIGTERM) at step {step}: saved checkpoint {step} in {manager.directory}; run '
+                      f'the same command again to resume')
 
-    if should_run(step, config.train.sample_every, num_steps) and jax.process_index() == 0:
-      ema_params = mapper.unreplicate(replicated).ema_params
+    if should_run(step, config.train.sample_every, num_steps):  # every process samples; process 0 writes
+      ema_params = mapper.unreplicate(replicated.ema_params)
       images, _ = generate.generate_images(
-          generate_fn, ema_params, jax.random.fold_in(jax.random.key(config.seed), step),
+          generate_fn, ema_params, jax.random.fold_in(jax.random.key(config.seed), step), mesh=mapper.mesh,
           num_samples=config.sample.num_samples, batch_size=config.sample.batch_size,
           num_classes=config.data.num_classes, cycle_classes=True)
-      generate.save_grid(os.path.join(workdir, 'samples', f'step_{step:07d}.png'), images,
-                         columns=grid_columns(config), scale=grid_scale(config))
+      if jax.process_index() == 0:
+        generate.save_grid(os.path.join(workdir, 'samples', f'step_{step:07d}.png'), images,
+                           columns=grid_columns(config), scale=grid_scale(config))
 
-  manager.wait_until_finished()
+  checkpoint.wait(manager)
   log.close()
   console(f'done in {format_seconds(time.time() - loop_start)}: checkpoints in {manager.directory}, metrics in '
           f'{os.path.join(workdir, "metrics.jsonl")}, samples in {os.path.join(workdir, "samples")}')

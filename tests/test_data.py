@@ -190,5 +190,18 @@ def test_unknown_dataset_name(tmp_path):
 
 
 def test_batch_not_divisible_by_hosts(digits_dir):
-  with pytest.raises(ValueError, match='config.data.batch_size=63'):
+  with pytest.raises(ValueError, match='^data.batch_size=63'):
     data.create_dataset(make_config(digits_dir, batch_size=63), process_index=0, process_count=2)
+
+
+def test_fixed_shards_give_the_same_global_batches_on_any_process_count(digits_dir):
+  config = make_config(digits_dir, num_shards=4)
+  one_process = take(data.create_dataset(config, start_step=20), 3)
+  per_process = [take(data.create_dataset(config, start_step=20, process_index=p, process_count=2), 3)
+                 for p in range(2)]
+  for step, whole in enumerate(one_process):
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(whole[key], np.concatenate([per_process[0][step][key],
+                                                                per_process[1][step][key]]))
+  with pytest.raises(ValueError, match='^data.num_shards=3'):
+    data.create_dataset(make_config(digits_dir, num_shards=3), process_index=0, process_count=2)

@@ -1,5 +1,4 @@
 """The seed U-Net: the five ImageNet-64 configs build with the right shapes; a tiny one runs and conditions."""
-import importlib.util
 import pathlib
 
 import jax
@@ -8,6 +7,7 @@ import numpy as np
 import pytest
 
 from ddjax import models
+from ddjax.config import load_config_module
 from ddjax.models import unet
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
@@ -15,10 +15,7 @@ IMAGENET64 = ['res_conv', 'res', 'res_res', 'res_res_atn', 'res_large']
 
 
 def load_config(name):
-  spec = importlib.util.spec_from_file_location(name, CONFIGS / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return load_config_module(CONFIGS / f'{name}.py').get_config()
 
 
 def count(params):

@@ -1,0 +1,65 @@
+"""The tiny training config shared by the end-to-end tests, in-process and through the real CLI."""
+import json
+import os
+import subprocess
+import sys
+
+from configs import digits as digits_config
+from ddjax import checkpoint, train
+from ddjax.models import create_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# 8×8 digits, a 2-level U-Net, T=50, global batch 16 (divisible by 8 fake devices); seconds per run on a CPU.
+TINY = {
+    'data.batch_size': 16, 'model.ch': 16, 'model.num_levels': 2, 'model.blocks': 'res,clsAtn,chnAtn',
+    'model.t_dim': 32, 'model.c_dim': 32, 'model.num_heads': 2, 'diffusion.num_timesteps': 50,
+    'train.num_steps': 4, 'train.log_every': 2, 'train.checkpoint_every': 2, 'train.sample_every': 4,
+    'train.warmup_steps': 2, 'sample.num_samples': 16, 'sample.batch_size': 16, 'sample.num_steps': 5,
+}
+
+
+def tiny_config(data_dir=None, **overrides):
+  """The digits config with TINY and then `overrides` ({'section.key': value}) applied."""
+  config = digits_config.get_config()
+  config.data.data_dir = data_dir
+  for key, value in {**TINY, **overrides}.items():
+    section, name = key.split('.')
+    config[section][name] = value
+  return config
+
+
+def main_args(workdir, data_dir=None, **overrides):
+  """The ddjax.main arguments of the tiny config with `overrides`."""
+  flags = [f'--config.{k}={v}' for k, v in {**TINY, **overrides}.items()]
+  if data_dir:
+    flags.append(f'--config.data.data_dir={data_dir}')
+  return ['--config', 'configs/digits.py', '--workdir', str(workdir), *flags]
+
+
+def run_main(workdir, data_dir=None, *, devices=1, extra_args=(), env=None, timeout=300, **overrides):
+  """`python -m ddjax.main` on the tiny config with `devices` fake CPU devices; returns the CompletedProcess."""
+  environment = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', **(env or {}))
+  return subprocess.run([sys.executable, '-m', 'ddjax.main', *main_args(workdir, data_dir, **overrides),
+                         *extra_args], cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+def run_processes(num_processes, devices, workdir, data_dir=None, *, timeout=600, **overrides):
+  """The tiny config through launch/local_multiprocess.sh: `num_processes` jax.distributed processes on this
+  machine with `devices` CPU devices each."""
+  return subprocess.run(['bash', 'launch/local_multiprocess.sh', str(num_processes), str(devices),
+                         *main_args(workdir, data_dir, **overrides)], cwd=REPO,
+                        env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def logged(workdir, key='loss'):
+  """{step: value} of `key` from <workdir>/metrics.jsonl."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {record['step']: record[key] for record in map(json.loads, f)}
+
+
+def restore_state(workdir, config, step=None):
+  """The TrainState saved in <workdir> at `step` (newest when None)."""
+  template = train.abstract_train_state(config, create_model(config))
+  return checkpoint.restore(checkpoint.create_manager(workdir, read_only=True), template, step)

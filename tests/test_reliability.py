@@ -3,7 +3,8 @@ corrupt checkpoints, a non-finite loss, a full disk, a busy or unwritable workdi
 
 Every run that survives a fault must end bitwise identical to one straight 40-step run (`straight`): same
 parameters, EMA, optimizer state, RNG, and the same loss at every step (the same data order). Faults are injected
-by tests/faults.py. The subprocesses share a persistent XLA compilation cache, so only the first one compiles.
+by tests/faults.py. The subprocesses share the session's persistent XLA compilation cache (tests/conftest.py), so
+only the first one compiles.
 """
 import json
 import os
@@ -30,9 +31,7 @@ TMP = '.orbax-checkpoint-tmp'
 def cli(tmp_path_factory):
   """cli(workdir, *args, fault=(name, step), popen=False, **overrides): the tiny config through the real CLI."""
   data_dir = str(tmp_path_factory.mktemp('tfds'))
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('xla_cache')),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
 
   def run(workdir, *args, fault=(), popen=False, **overrides):
     program = ['-m', 'tests.faults', *map(str, fault)] if fault else ['-m', 'ddjax.main']

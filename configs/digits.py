@@ -76,5 +76,7 @@ def get_config():
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.num_samples = 1000
   evaluation.inception_weights = config_dict.placeholder(str)
-  evaluation.reference = 'train'
+  evaluation.reference = 'train'  # a split of data.dataset ('train'|'validation'|'test') or a stats .npz path
+  evaluation.batch_size = 200  # Inception batch (global, split over devices)
+  evaluation.bpd_examples = 256  # held-out examples for the NLL in bits/dim (0 = skip)
   return config

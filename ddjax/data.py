@@ -53,7 +53,7 @@ def create_dataset(config, *, split='train', start_step=0, process_index=None,
         f'0 (one shard per process) or a multiple of the process count {process_count}')
   check(data.batch_size % num_shards == 0, 'data.batch_size', data.batch_size,
         f'a multiple of the number of data shards {num_shards}')
-  builder = _prepared_builder(data.dataset, data.data_dir)
+  builder = prepared_builder(data.dataset, data.data_dir)
   per_process = num_shards // process_count
   shards = [_shard_batches(config, builder, split, shard, num_shards, start_step)
             for shard in range(process_index * per_process, (process_index + 1) * per_process)]
@@ -69,7 +69,7 @@ def _shard_batches(config, builder, split, shard, num_shards, start_step) -> tf.
   shard_split = tfds.split_for_jax_process(split, process_index=shard, process_count=num_shards,
                                            drop_remainder=True)
   # Images stay encoded until after the resume skip, so skipping does not pay for decoding.
-  examples = _read(builder, shard_split, decoders={'image': tfds.decode.SkipDecoding()})
+  examples = read_split(builder, shard_split, decoders={'image': tfds.decode.SkipDecoding()})
   # The dataset's own cardinality, not builder.info: under tfds.testing.mock_data the split sizes
   # are unknown.
   examples_per_shard = int(examples.cardinality())
@@ -92,7 +92,7 @@ def _shard_batches(config, builder, split, shard, num_shards, start_step) -> tf.
   has_labels = 'label' in builder.info.features  # unlabelled sets (celeb_a, lsun) get class 0
 
   def preprocess(example, flip_key):
-    image = _to_model_space(image_feature.decode_example(example['image']), data.image_size,
+    image = to_model_space(image_feature.decode_example(example['image']), data.image_size,
                             data.num_channels)
     if data.random_flip:
       image = tf.image.stateless_random_flip_left_right(image, flip_key)
@@ -107,7 +107,7 @@ def _shard_batches(config, builder, split, shard, num_shards, start_step) -> tf.
           .batch(shard_batch, drop_remainder=True))
 
 
-def _prepared_builder(name, data_dir):
+def prepared_builder(name, data_dir):
   """The TFDS builder of `name`; ddjax's own datasets are prepared offline on first use."""
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -120,7 +120,7 @@ def _prepared_builder(name, data_dir):
   return builder
 
 
-def _read(builder, split, decoders):
+def read_split(builder, split, decoders):
   """builder.as_dataset, turning TFDS's "could not find data" into a one-line how-to-prepare error.
 
   Whether the data is there is decided by as_dataset itself, not by builder.is_prepared(), so that
@@ -142,7 +142,7 @@ def _read(builder, split, decoders):
         f'(see https://www.tensorflow.org/datasets/catalog/{builder.name})') from None
 
 
-def _to_model_space(image, image_size, num_channels):
+def to_model_space(image, image_size, num_channels):
   """uint8 [h, w, c] -> float32 [image_size, image_size, num_channels] in [-1, 1]."""
   image = tf.cast(image, tf.float32)
   height, width = image.shape[:2]

@@ -1,4 +1,4 @@
-"""Entry point: python -m ddjax.main --config configs/<name>.py --workdir <dir> [--mode train|sample]."""
+"""Entry point: python -m ddjax.main --config configs/<name>.py --workdir <dir> [--mode train|sample|eval]."""
 import signal
 import sys
 
@@ -11,7 +11,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (ml_collections); override keys with --config.<key>=v.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints/, metrics.jsonl, samples/.')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample'], 'train (resumes automatically) or sample.')
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'],
+                  'train (resumes automatically), sample, or eval (FID/IS/bits per dim).')
 flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0 (or DDJAX_COORDINATOR_ADDRESS).')
 flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes (or DDJAX_NUM_PROCESSES).')
 flags.DEFINE_integer('process_id', None, 'Multi-host: this process, 0..num_processes-1 (or DDJAX_PROCESS_ID).')
@@ -19,7 +20,8 @@ flags.DEFINE_integer('coordinator_timeout', 300, 'Multi-host: seconds to wait fo
 flags.mark_flags_as_required(['config', 'workdir'])
 
 EXIT_CONFIG_ERROR = 2  # an invalid setting or flag: nothing was built, compiled or written
-EXIT_FAILED = 1  # no data, a missing or corrupt checkpoint, a busy or unwritable workdir, a failed save, NaN
+# no data, a missing or corrupt checkpoint or Inception weights file, a busy or unwritable workdir, a failed save, NaN
+EXIT_FAILED = 1
 EXIT_PREEMPTED = 128 + signal.SIGTERM  # 143, the status of a process killed by SIGTERM; its checkpoint is saved
 
 
@@ -54,17 +56,22 @@ def main(argv):
   from ddjax import sample, train
   from ddjax.checkpoint import CheckpointError
   from ddjax.data import DatasetNotFoundError
+  from ddjax.fid import FileFormatError, InceptionWeightsError
   from ddjax.workdir import WorkdirError
   try:
     if FLAGS.mode == 'train':
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    else:
+    elif FLAGS.mode == 'sample':
       sample.sample_and_save(FLAGS.config, FLAGS.workdir)
+    else:
+      from ddjax import evaluate
+      evaluate.evaluate(FLAGS.config, FLAGS.workdir)
   except ConfigError as error:
     exit_with(f'invalid config: {error}', EXIT_CONFIG_ERROR)
   except train.Preempted as stop:
     exit_with(str(stop), EXIT_PREEMPTED)
-  except (DatasetNotFoundError, CheckpointError, WorkdirError, FloatingPointError) as error:
+  except (DatasetNotFoundError, CheckpointError, WorkdirError, FloatingPointError, InceptionWeightsError,
+          FileFormatError) as error:
     exit_with(str(error), EXIT_FAILED)
 
 

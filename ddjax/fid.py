@@ -1,0 +1,302 @@
+"""FID and Inception Score with the FID Inception network, as pytorch-fid / TF-FID compute them.
+
+  python -m ddjax.fid stats --images samples.npz --weights pt_inception.pth --out stats.npz
+  python -m ddjax.fid stats --dataset cifar10 --split train [--data_dir D] --weights ... --out ref.npz
+  python -m ddjax.fid score a.npz b.npz          # prints: FID <value>
+
+A stats file holds `mu` [2048], `sigma` [2048, 2048] (float64), `is_mean`, `is_std` and its provenance (`count`,
+`weights_sha256`, `source`, and for a dataset `dataset`, `split`). A stats file of the ADM evaluation suite
+(`mu`, `sigma`) works as a reference too.
+"""
+import argparse
+import functools
+import hashlib
+import os
+import shutil
+import sys
+import urllib.request
+import warnings
+
+import jax
+import numpy as np
+import scipy.linalg
+import scipy.special
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ddjax import parallel, torch_pickle
+from ddjax.models import inception
+
+WEIGHTS_FILE = 'pt_inception-2015-12-05-6726825d.pth'
+WEIGHTS_URL = f'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}'
+# torch.hub's convention: the hex after the last '-' of the file name is a prefix of the file's sha256; torch.hub
+# checks only that prefix when pytorch-fid loads the file, and so do we. (The full digest is reported elsewhere
+# as 6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2; unverified here, so not enforced.)
+WEIGHTS_SHA256_PREFIX = '6726825d'
+CACHE_DIR = os.path.join('~', '.cache', 'ddjax')
+DOWNLOAD_TIMEOUT_S = 10  # per socket operation: a machine without network fails within seconds
+IS_SPLITS = 10
+
+
+class InceptionWeightsError(Exception):
+  """The FID Inception weights are missing, unreadable or not those weights; `str()` is one line."""
+
+
+class FileFormatError(ValueError):
+  """A stats or images file that cannot be read or lacks its arrays; `str()` is one line."""
+
+
+# -- Math. -----------------------------------------------------------------------------------------------------
+
+def frechet_distance(*, mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+  """d² = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2·(Σ₁Σ₂)^½), in float64 (pytorch-fid's calculate_frechet_distance).
+
+  When the square root is not finite (Σ₁Σ₂ nearly singular) eps·I is added to both covariances; a complex root
+  with an imaginary diagonal above 1e-3 is an error, a smaller imaginary part is dropped.
+  """
+  mu1, mu2 = np.atleast_1d(np.float64(mu1)), np.atleast_1d(np.float64(mu2))
+  sigma1, sigma2 = np.atleast_2d(np.float64(sigma1)), np.atleast_2d(np.float64(sigma2))
+  if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+    raise FileFormatError(f'the two stats differ in shape: mu {mu1.shape} vs {mu2.shape}, '
+                          f'sigma {sigma1.shape} vs {sigma2.shape}')
+  with warnings.catch_warnings():  # a singular product is expected (N < 2048) and handled below
+    warnings.simplefilter('ignore', scipy.linalg.LinAlgWarning)
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+      offset = np.eye(sigma1.shape[0]) * eps
+      covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+  if np.iscomplexobj(covmean):
+    imaginary = np.max(np.abs(np.diagonal(covmean).imag))
+    if imaginary > 1e-3:
+      raise FloatingPointError(f'the Fréchet distance has an imaginary component {imaginary:.3g}')
+    covmean = covmean.real
+  diff = mu1 - mu2
+  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def inception_score(logits: np.ndarray, *, splits: int = IS_SPLITS) -> tuple[float, float]:
+  """IS = exp(E_x KL(p(y|x) ‖ p(y))) on each of `splits` consecutive parts (p(y) = the part's mean p(y|x),
+  p(y|x) = softmax over the 1008 logits); returns (mean, std) over the parts, as Salimans et al.'s code."""
+  probs = scipy.special.softmax(np.float64(logits), axis=-1)
+  n = len(probs)
+  splits = min(splits, n)
+  scores = []
+  for i in range(splits):
+    part = probs[i * n // splits:(i + 1) * n // splits]
+    kl = scipy.special.rel_entr(part, part.mean(axis=0, keepdims=True)).sum(axis=1)
+    scores.append(np.exp(kl.mean()))
+  return float(np.mean(scores)), float(np.std(scores))
+
+
+def statistics(features: np.ndarray, logits: np.ndarray, **provenance) -> dict:
+  """{'mu', 'sigma' (covariance with N − 1, as np.cov), 'is_mean', 'is_std', 'count', **provenance}."""
+  features = np.float64(features)
+  is_mean, is_std = inception_score(logits)
+  return {'mu': features.mean(axis=0), 'sigma': np.cov(features, rowvar=False), 'is_mean': is_mean,
+          'is_std': is_std, 'count': len(features), **provenance}
+
+
+# -- Stats files. ----------------------------------------------------------------------------------------------
+
+def save_stats(path: str, stats: dict) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + '.tmp', 'wb') as f:  # np.savez appends .npz to a name, never to a file object
+    np.savez(f, **stats)
+  os.replace(path + '.tmp', path)
+
+
+def _load_npz(path: str, required: tuple[str, ...]) -> dict:
+  """{name: array} of an .npz (0-d arrays as Python scalars) that holds at least `required`."""
+  try:
+    with np.load(path) as data:
+      arrays = {name: data[name][()] if data[name].ndim == 0 else data[name] for name in data.files}
+  except (OSError, ValueError) as error:
+    raise FileFormatError(f'cannot read {path}: {error}') from None
+  if not set(required) <= set(arrays):
+    raise FileFormatError(f'{path} has {sorted(arrays)}; needed: {", ".join(required)}')
+  return arrays
+
+
+def load_stats(path: str) -> dict:
+  return _load_npz(path, ('mu', 'sigma'))
+
+
+def load_images(path: str) -> np.ndarray:
+  """uint8 images [N, H, W, C] from an ADM-format .npz (arr_0)."""
+  images = _load_npz(path, ('arr_0',))['arr_0']
+  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+    raise FileFormatError(f'{path}: arr_0 is {images.dtype} {images.shape}; needed: uint8 [N, H, W, 1 or 3]')
+  return images
+
+
+# -- Weights. --------------------------------------------------------------------------------------------------
+
+def sha256_of(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def weights_path(path: str | None) -> str:
+  """`path` when given (used as given); else the cached file, downloaded on first use."""
+  if path:
+    if not os.path.isfile(path):
+      raise InceptionWeightsError(f'the Inception weights file {path} does not exist; it should be {WEIGHTS_FILE} '
+                                  f'from {WEIGHTS_URL}')
+    return path
+  cached = os.path.join(os.path.expanduser(CACHE_DIR), WEIGHTS_FILE)
+  if not os.path.isfile(cached):
+    download(cached)
+  return cached
+
+
+def download(destination: str) -> None:
+  """WEIGHTS_URL -> `destination`, kept only when its sha256 starts with WEIGHTS_SHA256_PREFIX."""
+  partial = destination + '.part'
+  try:
+    os.makedirs(os.path.dirname(destination), exist_ok=True)
+    with urllib.request.urlopen(WEIGHTS_URL, timeout=DOWNLOAD_TIMEOUT_S) as response, open(partial, 'wb') as f:
+      shutil.copyfileobj(response, f)
+  except OSError as error:  # URLError, HTTPError, timeouts, a full disk
+    if os.path.exists(partial):
+      os.remove(partial)
+    reason = ' '.join(str(getattr(error, 'reason', None) or error).split())
+    raise InceptionWeightsError(
+        f'the FID Inception weights {WEIGHTS_FILE} are needed and could not be downloaded ({reason}): download '
+        f'{WEIGHTS_URL} to {destination}, or pass its path (--config.eval.inception_weights, or --weights to '
+        f'python -m ddjax.fid)') from None
+  digest = sha256_of(partial)
+  if not digest.startswith(WEIGHTS_SHA256_PREFIX):
+    os.remove(partial)
+    raise InceptionWeightsError(f'the download of {WEIGHTS_URL} has sha256 {digest}, not {WEIGHTS_SHA256_PREFIX}…; '
+                                f'put the right file at {destination}')
+  os.replace(partial, destination)
+
+
+def load_variables(path: str) -> dict:
+  """InceptionV3 variables from a pytorch-fid state_dict file (zip or legacy torch format)."""
+  try:
+    return inception.variables_from_state_dict(torch_pickle.load_state_dict(path))
+  except OSError as error:
+    raise InceptionWeightsError(f'cannot read the Inception weights {path}: {error.strerror or error}') from None
+  except ValueError as error:  # TorchFileError, or a key or shape of another network
+    raise InceptionWeightsError(f'{path} is not the FID Inception weights ({WEIGHTS_FILE}): {error}') from None
+
+
+# -- Features. -------------------------------------------------------------------------------------------------
+
+@functools.cache  # one compiled function per mesh
+def make_feature_fn(mesh: Mesh):
+  """jit(variables, uint8 images [B, H, W, C]) -> (pool3 [B, 2048], logits [B, 1008]), B split over `mesh`.
+
+  Float32 matmuls and convolutions at full precision, so accelerators give the same features as a CPU.
+  """
+  model = inception.InceptionV3()
+  sharded = NamedSharding(mesh, PartitionSpec(parallel.AXIS))
+
+  @functools.partial(jax.jit, out_shardings=sharded)
+  def features(variables, images):
+    with jax.default_matmul_precision('highest'):
+      return model.apply(variables, images)
+
+  return features
+
+
+def compute_features(batches, variables, *, mesh: Mesh, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(features [N, 2048], logits [N, 1008]) of every image in `batches` (uint8 arrays of at most batch_size
+  images, the same on every process). Each batch is padded to batch_size (one compilation) and trimmed."""
+  batch_size = -(-batch_size // mesh.size) * mesh.size  # divisible by the device count
+  feature_fn = make_feature_fn(mesh)
+  variables = parallel.global_replicated(mesh, variables)
+  features, logits = [], []
+  for batch in batches:
+    padded = np.zeros((batch_size,) + batch.shape[1:], np.uint8)
+    padded[:len(batch)] = batch
+    outputs = feature_fn(variables, parallel.global_sharded(mesh, padded))
+    features.append(parallel.fetch(outputs[0])[:len(batch)])
+    logits.append(parallel.fetch(outputs[1])[:len(batch)])
+  return np.concatenate(features), np.concatenate(logits)
+
+
+def array_batches(images: np.ndarray, batch_size: int):
+  for start in range(0, len(images), batch_size):
+    yield images[start:start + batch_size]
+
+
+def dataset_batches(dataset: str, split: str, *, data_dir: str | None, batch_size: int,
+                    image_size: int | None = None, num_channels: int | None = None):
+  """(uint8 images [b, H, W, C], int32 labels [b]) batches of a TFDS split in its stored order, resized as
+  training data (ddjax.data) when image_size is given; label 0 for a dataset without labels."""
+  from ddjax import data  # TensorFlow only when a dataset is read
+  import tensorflow as tf
+  builder = data.prepared_builder(dataset, data_dir)
+  has_labels = 'label' in builder.info.features
+
+  def convert(example):
+    image = example['image']
+    if image_size is not None:
+      channels = num_channels or builder.info.features['image'].shape[-1]
+      model_space = data.to_model_space(image, image_size, channels)
+      image = tf.cast(tf.clip_by_value(tf.round((model_space + 1.0) * 127.5), 0, 255), tf.uint8)
+    label = tf.cast(example['label'], tf.int32) if has_labels else tf.constant(0, tf.int32)
+    return image, label
+
+  examples = data.read_split(builder, split, decoders=None).map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+  yield from examples.batch(batch_size).prefetch(2).as_numpy_iterator()
+
+
+def stats_of(batches, variables, *, weights_sha256: str, mesh: Mesh, batch_size: int, **provenance) -> dict:
+  """The stats of the uint8 image batches `batches`, with their provenance."""
+  features, logits = compute_features(batches, variables, mesh=mesh, batch_size=batch_size)
+  return statistics(features, logits, weights_sha256=weights_sha256, **provenance)
+
+
+# -- Command line. ---------------------------------------------------------------------------------------------
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(prog='python -m ddjax.fid', description=__doc__.split('\n')[0])
+  commands = parser.add_subparsers(dest='command', required=True)
+  stats = commands.add_parser('stats', help='Inception statistics of an image .npz or a TFDS split')
+  source = stats.add_mutually_exclusive_group(required=True)
+  source.add_argument('--images', help='.npz whose arr_0 is uint8 images [N, H, W, C] (ADM format)')
+  source.add_argument('--dataset', help='TFDS dataset name')
+  stats.add_argument('--split', default='train')
+  stats.add_argument('--data_dir', default=None)
+  stats.add_argument('--image_size', type=int, default=None, help='resize the dataset as training does')
+  stats.add_argument('--num_channels', type=int, default=None)
+  stats.add_argument('--weights', default=None, help=f'{WEIGHTS_FILE} (default: downloaded to {CACHE_DIR})')
+  stats.add_argument('--batch_size', type=int, default=200)
+  stats.add_argument('--out', required=True)
+  score = commands.add_parser('score', help='print the FID between two stats files')
+  score.add_argument('stats', nargs=2)
+  args = parser.parse_args(argv)
+  try:
+    if args.command == 'score':
+      a, b = (load_stats(path) for path in args.stats)
+      value = frechet_distance(mu1=a['mu'], sigma1=a['sigma'], mu2=b['mu'], sigma2=b['sigma'])
+      print(f'FID {value:#.7g}')
+      return
+    weights = weights_path(args.weights)
+    variables = load_variables(weights)
+    mesh = Mesh(np.asarray(jax.devices()), (parallel.AXIS,))
+    if args.images:
+      batches, provenance = array_batches(load_images(args.images), args.batch_size), {'source': args.images}
+    else:
+      batches = (images for images, _ in dataset_batches(
+          args.dataset, args.split, data_dir=args.data_dir, batch_size=args.batch_size,
+          image_size=args.image_size, num_channels=args.num_channels))
+      provenance = {'source': f'tfds:{args.dataset}/{args.split}', 'dataset': args.dataset, 'split': args.split}
+    result = stats_of(batches, variables, weights_sha256=sha256_of(weights), mesh=mesh,
+                      batch_size=args.batch_size, **provenance)
+    if jax.process_index() == 0:
+      save_stats(args.out, result)
+    print(f'{result["count"]} images: IS {result["is_mean"]:.4f} ± {result["is_std"]:.4f}; stats in {args.out}')
+  except (InceptionWeightsError, FloatingPointError, OSError, ValueError) as error:
+    # ValueError: FileFormatError, and a dataset that is missing or unprepared (ddjax.data)
+    print(f'ddjax.fid: {" ".join(str(error).split())}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  main()

@@ -18,7 +18,8 @@ _TYPES = {
     'an int': ((int,), 'seed data.image_size data.num_channels data.num_classes data.batch_size data.shuffle_buffer '
                'diffusion.num_timesteps model.ch model.t_dim model.c_dim train.num_steps train.warmup_steps '
                'train.grad_accum_steps train.log_every train.checkpoint_every train.sample_every '
-               'train.keep_checkpoints sample.class_label sample.num_samples sample.batch_size eval.num_samples'),
+               'train.keep_checkpoints sample.class_label sample.num_samples sample.batch_size eval.num_samples '
+               'eval.batch_size eval.bpd_examples'),
     'a float': ((int, float), 'diffusion.hybrid_lambda model.dropout train.learning_rate train.weight_decay '
                 'train.grad_clip train.ema_decay train.p_uncond sample.eta sample.guidance'),
     'a string': ((str,), 'data.dataset diffusion.schedule diffusion.prediction diffusion.variance diffusion.loss '
@@ -102,6 +103,11 @@ def validate(config):
         sample.checkpoint_step, 'None (newest) or a saved step')
 
   check(config.eval.num_samples >= 1, 'eval.num_samples', config.eval.num_samples, '>= 1')
+  check(config.eval.batch_size >= 1, 'eval.batch_size', config.eval.batch_size, '>= 1')
+  check(config.eval.bpd_examples >= 0, 'eval.bpd_examples', config.eval.bpd_examples, '>= 0 (0 = skip the NLL)')
+  check(config.eval.reference in ('train', 'validation', 'test') or config.eval.reference.endswith('.npz'),
+        'eval.reference', config.eval.reference, "'train', 'validation', 'test' (a split of data.dataset) or a "
+        'stats .npz path')
 
   parallel.validate(config)
 

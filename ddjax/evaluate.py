@@ -20,15 +20,6 @@ from ddjax.validation import check
 SPLITS = ('train', 'validation', 'test')
 
 
-def validate(config):
-  evaluation = config.eval
-  check(evaluation.reference in SPLITS or evaluation.reference.endswith('.npz'), 'eval.reference',
-        evaluation.reference, f'{", ".join(map(repr, SPLITS))} (a split of data.dataset) or a stats .npz path')
-  for key, minimum in (('batch_size', 1), ('bpd_examples', 0)):
-    value = evaluation[key]
-    check(type(value) is int and value >= minimum, f'eval.{key}', value, f'an int >= {minimum}')
-
-
 def check_reference(config):
   """eval.reference names a split that data.dataset has, or an existing file: checked before sampling."""
   reference, dataset = config.eval.reference, config.data.dataset
@@ -44,7 +35,6 @@ def evaluate(config, workdir: str) -> dict:
   """{'step', 'fid', 'is', 'is_std', and 'bpd' for a diffusion model} of the checkpoint, also appended to
   metrics.jsonl; the samples are written to samples/eval_<N>x<H>x<W>x<C>_step<step>.npz (ADM format)."""
   config_lib.validate(config)
-  validate(config)
   check_reference(config)
   evaluation = config.eval
   weights = fid.weights_path(evaluation.inception_weights)  # before sampling: a missing file fails in seconds

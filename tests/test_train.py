@@ -9,27 +9,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import digits as digits_config
 from ddjax import checkpoint, config as config_lib, sample, train
 from ddjax.models import create_model
 from ddjax.validation import ConfigError
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(data_dir, **overrides):
-  """A few-second config: 8×8 images, a 2-level U-Net with every block type, T=50, 4 steps."""
-  config = digits_config.get_config()
-  config.data.data_dir = data_dir
-  config.data.batch_size = 16
-  config.model.update(ch=16, num_levels=2, blocks='res,clsAtn,chnAtn', t_dim=32, c_dim=32, num_heads=2)
-  config.diffusion.num_timesteps = 50
-  config.train.update(num_steps=4, log_every=2, checkpoint_every=2, sample_every=4, warmup_steps=2)
-  config.sample.update(num_samples=12, batch_size=12, num_steps=5)
-  for key, value in overrides.items():
-    section, name = key.split('.')
-    config[section][name] = value
-  return config
+from tests.tiny import REPO, tiny_config
 
 
 @pytest.fixture(scope='module')

@@ -41,6 +41,7 @@ def get_config():
   model.dropout = 0.0
   model.t_dim = 128
   model.c_dim = 128
+  model.remat = False  # rematerialise every block's activations in the backward pass (less memory, ~1/3 more compute)
 
   config.train = train = ml_collections.ConfigDict()
   train.num_steps = 1500
@@ -70,7 +71,7 @@ def get_config():
   sample.checkpoint_step = config_dict.placeholder(int)
 
   config.parallel = parallel = ml_collections.ConfigDict()
-  parallel.mode = 'pmap'
+  parallel.mode = 'shard_map'
   parallel.precision = 'float32'
 
   config.eval = evaluation = ml_collections.ConfigDict()
@@ -79,4 +80,5 @@ def get_config():
   evaluation.reference = 'train'  # a split of data.dataset ('train'|'validation'|'test') or a stats .npz path
   evaluation.batch_size = 200  # Inception batch (global, split over devices)
   evaluation.bpd_examples = 256  # held-out examples for the NLL in bits/dim (0 = skip)
+  evaluation.cache_dir = config_dict.placeholder(str)  # reference statistics cache (None: ~/.cache/ddjax)
   return config

@@ -9,12 +9,20 @@ import os
 import time
 import zlib
 
+import errno
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 _TMP_SUFFIX = '.orbax-checkpoint-tmp'  # orbax's name for a save that never completed
 _CRC_KEY = 'ddjax_crc32'
+READ_ATTEMPTS = 3  # a read that fails with an I/O error is retried (1 s, then 2 s later) before giving up
+# Errors of the storage, not of the checkpoint's content: retried, and never a reason to move a checkpoint aside.
+_STORAGE_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE, errno.EACCES,
+                   errno.EPERM, errno.ENETDOWN, errno.ENETUNREACH, errno.ECONNRESET, errno.EHOSTUNREACH}
+_STORAGE_MESSAGES = ('UNAVAILABLE', 'DEADLINE_EXCEEDED', 'Input/output error', 'Stale file handle')  # tensorstore
 
 
 class CheckpointError(Exception):
@@ -27,6 +35,11 @@ class CheckpointNotFoundError(CheckpointError):
 
 class CheckpointCorruptError(CheckpointError):
   """A checkpoint that fails to restore or does not match the CRC recorded when it was saved."""
+
+
+class CheckpointReadError(CheckpointError):
+  """Reading a checkpoint failed with a storage error (EIO, a stale mount, a permission) on every attempt; it may
+  well be intact, so nothing is moved."""
 
 
 class CheckpointSaveError(CheckpointError):
@@ -74,13 +87,27 @@ def wait(manager: ocp.CheckpointManager) -> None:
     manager.wait_until_finished()
 
 
+def _is_storage_error(error: Exception) -> bool:
+  if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
+    return True
+  return isinstance(error, (TimeoutError, ConnectionError)) or any(m in str(error) for m in _STORAGE_MESSAGES)
+
+
 def _restore_step(manager, template, step: int):
-  try:
-    state = manager.restore(step, args=ocp.args.StandardRestore(template))
-    recorded = manager.metadata(step).custom_metadata.get(_CRC_KEY)
-  except Exception as error:  # a truncated or garbled checkpoint fails anywhere in orbax, tensorstore or json
-    reason = ' '.join(str(error).split())[:200] or type(error).__name__
-    raise CheckpointCorruptError(f'checkpoint {step} in {manager.directory} cannot be restored: {reason}') from None
+  for attempt in range(READ_ATTEMPTS):
+    try:
+      state = manager.restore(step, args=ocp.args.StandardRestore(template))
+      recorded = manager.metadata(step).custom_metadata.get(_CRC_KEY)
+      break
+    except Exception as error:  # a truncated or garbled checkpoint fails anywhere in orbax, tensorstore or json
+      reason = ' '.join(str(error).split())[:200] or type(error).__name__
+      if not _is_storage_error(error):
+        raise CheckpointCorruptError(f'checkpoint {step} in {manager.directory} cannot be restored: {reason}') from None
+      if attempt == READ_ATTEMPTS - 1:
+        raise CheckpointReadError(f'checkpoint {step} in {manager.directory} could not be read in {READ_ATTEMPTS} '
+                                  f'attempts ({reason}); nothing was moved: check the file system and run again'
+                                  ) from None
+      time.sleep(2 ** attempt)
   if recorded != _crc32(state):
     raise CheckpointCorruptError(f'checkpoint {step} in {manager.directory} is corrupt: its data does not match '
                                  f'the CRC32 recorded when it was saved')
@@ -104,23 +131,40 @@ def restore(manager: ocp.CheckpointManager, template, step: int | None = None):
                                  if others else str(error)) from None
 
 
+def _from_process_0(value: int) -> int:
+  """Process 0's `value` on every process, so that all restore the same step even when their views of a shared
+  file system differ for a moment."""
+  if jax.process_count() == 1:
+    return int(value)
+  return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+
+
 def resume(manager: ocp.CheckpointManager, template, warn):
   """The newest checkpoint that restores intact, or None when there is none at all.
 
-  Broken checkpoints newer than it, and saves that never completed, are reported through `warn(line)`. The
-  broken ones are moved to `<workdir>/checkpoints.corrupt/` (kept for inspection): left in place they would
-  stop orbax from saving any step up to theirs, and a step directory is never saved over.
+  Process 0 decides: every process tries the steps process 0 lists, newest first, and takes process 0's verdict
+  on each. Broken checkpoints newer than the one restored, and saves that never completed, are reported through
+  `warn(line)`. The broken ones are moved to `<workdir>/checkpoints.corrupt/` (kept for inspection): left in
+  place they would stop orbax from saving any step up to theirs, and a step directory is never saved over. A
+  storage error (CheckpointReadError) stops the search with nothing moved.
   """
   for name in sorted(os.listdir(manager.directory)):
     if _TMP_SUFFIX in name:  # orbax deletes it when that step is saved again
       warn(f'warning: ignoring {os.path.join(manager.directory, name)}: a save that was interrupted')
+  steps = sorted(manager.all_steps(), reverse=True)
   broken = []
-  for step in sorted(manager.all_steps(), reverse=True):
+  for index in range(_from_process_0(len(steps))):
+    step = _from_process_0(steps[index] if index < len(steps) else -1)
     try:
-      state = _restore_step(manager, template, step)
-    except CheckpointCorruptError as error:
-      broken.append((step, error))
+      state, error = _restore_step(manager, template, step), None
+    except CheckpointCorruptError as corrupt:
+      state, error = None, corrupt
+    if not _from_process_0(error is None):
+      broken.append((step, error or CheckpointCorruptError(f'checkpoint {step} is broken on process 0')))
       continue
+    if error is not None:
+      raise CheckpointReadError(f'process {jax.process_index()} cannot restore checkpoint {step}, which process 0 '
+                                f'restored: {error}')
     _move_aside(manager, broken, warn)
     return state
   if broken:

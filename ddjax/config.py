@@ -24,10 +24,10 @@ _TYPES = {
                 'train.grad_clip train.ema_decay train.p_uncond sample.eta sample.guidance'),
     'a string': ((str,), 'data.dataset diffusion.schedule diffusion.prediction diffusion.variance diffusion.loss '
                  'model.name sample.sampler parallel.mode parallel.precision eval.reference'),
-    'True or False': ((bool,), 'data.random_flip sample.clip_x0'),
+    'True or False': ((bool,), 'data.random_flip sample.clip_x0 model.remat'),
     'None or an int': ((int, _NONE), 'sample.num_steps sample.step_size sample.checkpoint_step'),
     'None or a float': ((int, float, _NONE), 'sample.ddim_scale'),
-    'None or a string': ((str, _NONE), 'data.data_dir eval.inception_weights'),
+    'None or a string': ((str, _NONE), 'data.data_dir eval.inception_weights eval.cache_dir'),
 }
 
 
@@ -59,6 +59,9 @@ def validate(config):
   check_choice('diffusion.loss', diff.loss, diffusion.LOSSES)
   check(not (diff.loss == 'simple' and diff.variance == 'learned_range'), 'diffusion.loss', diff.loss,
         "'hybrid' or 'vlb' with diffusion.variance='learned_range' (the simple loss cannot train the variance)")
+  check(not (diff.loss == 'hybrid' and diff.variance != 'learned_range'), 'diffusion.loss', diff.loss,
+        f"'simple' or 'vlb' with diffusion.variance={diff.variance!r} (the hybrid's vb term stops the mean's "
+        'gradient, so with a fixed variance it trains nothing)')
   check(diff.num_timesteps >= (21 if diff.schedule == 'linear' else 1), 'diffusion.num_timesteps',
         diff.num_timesteps, ">= 21 for 'linear', >= 1 for 'cosine'")
   check(diff.hybrid_lambda >= 0, 'diffusion.hybrid_lambda', diff.hybrid_lambda, '>= 0')

@@ -11,10 +11,13 @@ from ddjax import parallel, samplers
 
 
 def make_generate_fn(config, model, betas, mesh):
-  """jit(params, rng, labels [B]) -> float32 samples [B, H, W, C] in model space, compiled once per batch size.
+  """jit(params, rng, indices [B], labels [B]) -> float32 samples [B, H, W, C] in model space, compiled once per
+  batch size.
 
-  The batch is split over every device of `mesh` (params replicated); per-example noise keys make the samples
-  independent of the device count. Honours every `config.sample` key; an unconditional model ignores `labels`.
+  Sample j is drawn from the key fold_in(rng, indices[j]) (its global index), so it does not depend on the
+  batch size, the padding or the device count. The batch is split over every device of `mesh` (params
+  replicated and passed to the sampler as an argument). Honours every `config.sample` key; an unconditional
+  model ignores `labels`.
   """
   sample_config, diffusion_config = config.sample, config.diffusion
   num_classes = config.data.num_classes or None
@@ -22,15 +25,16 @@ def make_generate_fn(config, model, betas, mesh):
   # sample.step_size, when set, is used instead of sample.num_steps (a config default can't be unset from flags).
   num_steps = None if sample_config.step_size is not None else sample_config.num_steps
 
+  def model_fn(params, x_t, t, y):  # built once: the compiled sampling loop is keyed on it
+    return model.apply({'params': params}, x_t, t, y, train=False)
+
   sharded = NamedSharding(mesh, PartitionSpec(parallel.AXIS))
 
   @functools.partial(jax.jit, out_shardings=sharded)
-  def generate(params, rng, labels):
-    def model_fn(x_t, t, y):
-      return model.apply({'params': params}, x_t, t, y, train=False)
-
+  def generate(params, rng, indices, labels):
+    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(indices)
     return samplers.sample(
-        model_fn, betas, shape=(labels.shape[0],) + shape_hw, rng=rng,
+        model_fn, betas, shape=(labels.shape[0],) + shape_hw, rng=keys, params=params,
         sampler=sample_config.sampler, num_steps=num_steps, step_size=sample_config.step_size,
         eta=sample_config.eta, ddim_scale=sample_config.ddim_scale, guidance=sample_config.guidance,
         labels=labels if num_classes else None, num_classes=num_classes, prediction=diffusion_config.prediction,
@@ -39,14 +43,21 @@ def make_generate_fn(config, model, betas, mesh):
   return generate
 
 
+def padded_batch_size(batch_size: int, num_devices: int) -> int:
+  """The smallest multiple of num_devices >= batch_size: any batch size runs on any device count."""
+  return -(-batch_size // num_devices) * num_devices
+
+
 def generate_images(generate, params, rng, *, mesh, num_samples: int, batch_size: int, num_classes: int,
                     class_label: int = -1, cycle_classes: bool = False):
-  """(uint8 images [N, H, W, C], int labels [N]) drawn in batches; the last batch is padded and trimmed.
+  """(uint8 images [N, H, W, C], int labels [N]) drawn in batches of `batch_size` (at most N), each padded to
+  a multiple of the device count; the padding is dropped.
 
   Every process calls this with the same arguments (the batches span all hosts' devices); each gets all images.
+  Sample i depends only on (rng, i, its label): not on batch_size or the device count.
 
   Labels: `class_label` for all, random real classes for −1, or 0, 1, …, num_classes−1 repeating when
-  `cycle_classes` (grids with one class per column).
+  `cycle_classes` (grids with the classes in order).
   """
   label_rng, sample_rng = jax.random.split(rng)
   if not num_classes:
@@ -56,12 +67,17 @@ def generate_images(generate, params, rng, *, mesh, num_samples: int, batch_size
   else:
     labels = np.asarray(samplers.draw_labels(label_rng, num_samples, num_classes=num_classes,
                                              class_label=class_label))
+  batch_size = min(batch_size, num_samples)
+  padded = padded_batch_size(batch_size, mesh.size)
   params = parallel.global_replicated(mesh, params)
   images = []
   for start in range(0, num_samples, batch_size):
-    batch_labels = np.resize(labels[start:start + batch_size], batch_size)  # pad the last batch
-    x = generate(params, jax.random.fold_in(sample_rng, start), parallel.global_sharded(mesh, batch_labels))
-    images.append(to_uint8(parallel.fetch(x))[:num_samples - start])
+    count = min(batch_size, num_samples - start)
+    indices = np.arange(start, start + padded, dtype=np.int32)  # indices past the batch are padding
+    batch_labels = labels[np.minimum(indices, start + count - 1)]
+    x = generate(params, sample_rng, parallel.global_sharded(mesh, indices),
+                 parallel.global_sharded(mesh, batch_labels))
+    images.append(to_uint8(parallel.fetch(x))[:count])
   return np.concatenate(images), labels
 
 

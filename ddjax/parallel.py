@@ -29,8 +29,6 @@ def validate(config):
   accum = config.train.grad_accum_steps
   check(accum >= 1 and (config.data.batch_size // devices) % accum == 0, 'train.grad_accum_steps', accum,
         f'>= 1 and a divisor of the per-device batch {config.data.batch_size // devices}')
-  check(config.sample.batch_size % devices == 0, 'sample.batch_size', config.sample.batch_size,
-        f'a multiple of the global device count {devices} (sampling is split over devices)')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,15 +28,18 @@ def draw_labels(rng, num: int, *, num_classes: int, class_label: int = -1):
   return jnp.full((num,), class_label, jnp.int32)
 
 
-def classifier_free_guidance(model_fn, *, guidance, num_classes: int):
+def classifier_free_guidance(model_fn, *, guidance, num_classes: int, mean_channels: int):
   """model_fn with ε̃ = (1+w)·ε(x,c) − w·ε(x,∅): conditional and null class (index num_classes) in one batched
-  forward pass. Applied to every output channel (the learned variance too, as the seed does); for x0 / v
-  outputs it is the same guidance, since ε is affine in them at fixed x_t."""
+  forward pass. Only the first `mean_channels` output channels (ε / x0 / v; the same guidance for all three, as
+  ε is affine in them at fixed x_t) are combined; learned-variance channels after them are the conditional
+  ones, as GLIDE and guided-diffusion do (guiding them would push v outside [−1, 1] and extrapolate log Σ beyond
+  [log β̃, log β])."""
   def guided(x_t, t, labels):
     null = jnp.full_like(labels, num_classes)
     both = model_fn(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]), jnp.concatenate([labels, null]))
     cond, uncond = jnp.split(both, 2)
-    return (1.0 + guidance) * cond - guidance * uncond
+    mean = (1.0 + guidance) * cond[..., :mean_channels] - guidance * uncond[..., :mean_channels]
+    return jnp.concatenate([mean, cond[..., mean_channels:]], axis=-1)
   return guided
 
 
@@ -45,18 +48,25 @@ def _noise(keys, step, shape):
   return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, step), shape))(keys)
 
 
-def _per_example_keys(rng, batch):
+def per_example_keys(rng, batch: int):
+  """One key per example: `rng` itself when it is already [batch] keys (e.g. keys folded from each sample's
+  global index, so a sample does not depend on the batch size or device count), else fold_in(rng, i)."""
   rng = rng if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(rng)
-  return jax.random.split(rng, batch)
+  if rng.shape == (batch,):
+    return rng
+  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(batch))
 
 
 @functools.partial(jax.jit, static_argnames=('model_fn', 'shape', 'sampler', 'prediction', 'variance', 'clip_x0',
-                                             'num_classes', 'use_ddim_scale', 'use_guidance'))
-def _sample_loop(schedule: Schedule, rng, labels, eta, ddim_scale, guidance, *, model_fn, shape, sampler,
-                 prediction, variance, clip_x0, num_classes, use_ddim_scale, use_guidance):
+                                             'num_classes', 'use_ddim_scale', 'use_guidance', 'use_params'))
+def _sample_loop(schedule: Schedule, params, rng, labels, eta, ddim_scale, guidance, *, model_fn, shape, sampler,
+                 prediction, variance, clip_x0, num_classes, use_ddim_scale, use_guidance, use_params):
+  if use_params:
+    model_fn = functools.partial(model_fn, params)
   if use_guidance:
-    model_fn = classifier_free_guidance(model_fn, guidance=guidance, num_classes=num_classes)
-  keys = _per_example_keys(rng, shape[0])
+    model_fn = classifier_free_guidance(model_fn, guidance=guidance, num_classes=num_classes,
+                                        mean_channels=shape[-1])
+  keys = per_example_keys(rng, shape[0])
   x_init = _noise(keys, schedule.num_steps, shape[1:])
 
   def step(x_t, i):
@@ -89,15 +99,18 @@ def _sample_loop(schedule: Schedule, rng, labels, eta, ddim_scale, guidance, *, 
 
 def sample(model_fn, betas, *, shape, rng, sampler='ddim', num_steps=None, step_size=None, eta=0.0,
            ddim_scale=None, guidance=0.0, labels=None, num_classes=None, prediction='eps',
-           variance='fixed_small', clip_x0=False):
+           variance='fixed_small', clip_x0=False, params=None):
   """Draw samples [B, H, W, C] float32 in model space (not clamped).
 
   model_fn(x_t, t, labels) -> network output (C channels, 2C for learned_range), t the int32 ORIGINAL timestep
-  per example. `betas` is the training β table (float64). The loop runs on the respaced schedule of `num_steps`
+  per example; with `params` given, model_fn(params, x_t, t, labels), so the weights are an argument of the
+  compiled loop and not constants baked into it (one compilation per shape for any weights). `betas` is the training β table (float64). The loop runs on the respaced schedule of `num_steps`
   or `step_size` (all steps when neither is set): sampler 'ddpm' is ancestral sampling with the model's
   variance; 'ddim' is DDIM with σ = η·√β̃, or the seed's x_{t−1} = √ᾱ_prev·x̂0 + √max(1−ᾱ_prev−s·β̃, 0)·ε̂ +
   √(s·Σ)·z when `ddim_scale` s is given. guidance w > 0 is classifier-free guidance (needs labels and
-  num_classes). model_fn must be hashable and stable across calls for the compiled loop to be reused.
+  num_classes); it combines the mean channels only and keeps the conditional variance. `rng` is one key,
+  or [B] keys, one per example. model_fn must be hashable and stable across calls for the compiled loop to be
+  reused (a module-level function, or one built once).
   """
   check_choice('sampler', sampler, SAMPLERS)
   diffusion.validate(prediction=prediction, variance=variance)
@@ -112,15 +125,15 @@ def sample(model_fn, betas, *, shape, rng, sampler='ddim', num_steps=None, step_
         f'None or shape ({shape[0]},)')
   schedule = spaced_schedule(np.asarray(betas, np.float64), num_steps=num_steps, step_size=step_size)
   return _sample_loop(
-      schedule, rng, labels, jnp.float32(eta), jnp.float32(ddim_scale or 0.0), jnp.float32(guidance),
+      schedule, params, rng, labels, jnp.float32(eta), jnp.float32(ddim_scale or 0.0), jnp.float32(guidance),
       model_fn=model_fn, shape=tuple(shape), sampler=sampler, prediction=prediction, variance=variance,
       clip_x0=bool(clip_x0), num_classes=num_classes, use_ddim_scale=ddim_scale is not None,
-      use_guidance=guidance > 0)
+      use_guidance=guidance > 0, use_params=params is not None)
 
 
 @functools.partial(jax.jit, static_argnames=('generator_fn', 'shape', 'nz'))
 def _ddgan_loop(schedule: Schedule, rng, labels, *, generator_fn, shape, nz):
-  keys = _per_example_keys(rng, shape[0])
+  keys = per_example_keys(rng, shape[0])
   x_init = _noise(keys, schedule.num_steps, shape[1:])
 
   def step(x_t, i):

@@ -78,14 +78,25 @@ def spaced_timesteps(num_timesteps: int, *, num_steps: int | None = None,
                      step_size: int | None = None) -> np.ndarray:
   """The kept 0-indexed original timesteps, ascending.
 
-  num_steps=N: 0, s, 2s, …, (N−1)·s with s = T // N (IDDPM "ddimN", diffusers "leading").
+  num_steps=N, N divides T: 0, s, 2s, …, (N−1)·s with s = T / N (IDDPM "ddimN", diffusers "leading").
+  num_steps=N otherwise: round(i·(T−1)/(N−1)), i < N (IDDPM's plain-N even spacing; the stride is accumulated
+             in float and rounded half-to-even as IDDPM does, so the grids match its own exactly), so the chain
+             still starts at T−1: a strided grid of T // N would stop early and then start a
+             chain at a noise level (ᾱ far above ᾱ_T) that pure noise does not match.
   step_size=k: 0, k, 2k, … below T (the seed's step_size). Neither: all T steps.
   """
   if num_steps is not None and step_size is not None:
     fail('num_steps/step_size', (num_steps, step_size), 'at most one of them set')
   if num_steps is not None:
     check(1 <= num_steps <= num_timesteps, 'num_steps', num_steps, f'an integer in [1, {num_timesteps}] (T)')
-    return np.arange(num_steps, dtype=np.int64) * (num_timesteps // num_steps)
+    if num_timesteps % num_steps == 0:
+      return np.arange(num_steps, dtype=np.int64) * (num_timesteps // num_steps)
+    stride = (num_timesteps - 1) / (num_steps - 1)  # N >= 2 here: N = 1 divides every T
+    position, kept = 0.0, []
+    for _ in range(num_steps):
+      kept.append(round(position))
+      position += stride
+    return np.array(kept, dtype=np.int64)
   if step_size is not None:
     check(1 <= step_size <= num_timesteps, 'step_size', step_size, f'an integer in [1, {num_timesteps}] (T)')
     return np.arange(0, num_timesteps, step_size, dtype=np.int64)

@@ -1,5 +1,6 @@
 """Training: the TrainState, the pure train step, and `train_and_evaluate`."""
 import contextlib
+import copy
 import functools
 import json
 import os
@@ -19,6 +20,7 @@ from jax.experimental import multihost_utils
 from ddjax import checkpoint, config as config_lib, data, diffusion, generate, parallel, schedules
 from ddjax import workdir as workdir_lib
 from ddjax.models import create_model
+from ddjax.validation import ConfigError
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -34,10 +36,16 @@ class TrainState(flax.struct.PyTreeNode):
 # State and optimizer
 # ----------------------------------------------------------------------------------------------------------------
 
+def learning_rate_schedule(train_config):
+  """The rate of update n (0-based): lr·min(1, (n + 1) / warmup_steps), so the first update already moves (at
+  lr / warmup_steps; at the full rate when warmup_steps is 0) and update warmup_steps − 1 reaches lr."""
+  base, warmup = train_config.learning_rate, max(train_config.warmup_steps, 1)
+  return lambda count: base * jnp.minimum(1.0, (count + 1.0) / warmup)
+
+
 def make_optimizer(train_config) -> optax.GradientTransformation:
   """AdamW with linear warm-up to a constant rate, after global-norm gradient clipping (off when grad_clip 0)."""
-  learning_rate = optax.linear_schedule(0.0, train_config.learning_rate, max(train_config.warmup_steps, 1))
-  adamw = optax.adamw(learning_rate, weight_decay=train_config.weight_decay)
+  adamw = optax.adamw(learning_rate_schedule(train_config), weight_decay=train_config.weight_decay)
   if train_config.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(train_config.grad_clip), adamw)
   return adamw
@@ -224,6 +232,55 @@ def check_finite(host_metrics: list, first_step: int, manager):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Resuming with a changed config
+# ----------------------------------------------------------------------------------------------------------------
+
+# Keys that resume would silently get wrong: the data position is replayed from the step, so these must keep the
+# values the run started with. Changes to the state's structure are found by building it (see below).
+DATA_ORDER_KEYS = ('seed', 'data.dataset', 'data.batch_size', 'data.num_shards', 'data.shuffle_buffer',
+                   'data.random_flip', 'data.image_size', 'data.num_channels')
+# Sections and keys that neither the state nor the data order depend on: never checked further.
+SAFE_PREFIXES = ('sample.', 'eval.', 'sweep.', 'parallel.mode', 'data.data_dir', 'train.num_steps',
+                 'train.log_every', 'train.checkpoint_every', 'train.sample_every', 'train.keep_checkpoints')
+
+
+def _state_signature(config, abstract_state):
+  state = abstract_state(config)
+  return jax.tree.structure(state), [(x.shape, x.dtype) for x in jax.tree.leaves(state)]
+
+
+def check_resume_config(config, saved: dict, abstract_state) -> list[str]:
+  """The keys changed since `saved` (the flat config.json), as 'key: old -> new' lines, when resuming is sound.
+
+  A ConfigError names every changed key that alters the data order (DATA_ORDER_KEYS) or the structure of the
+  state (found by building the abstract state with that one key set back to its saved value:
+  `abstract_state(config)` -> a pytree of ShapeDtypeStructs), so a checkpoint is never misread as corrupt.
+  Keys present on one side only (a newer ddjax) are not compared.
+  """
+  current = workdir_lib.flat_config(config)
+  changed = [k for k in sorted(current) if k in saved and saved[k] != current[k]]
+  suspicious = [k for k in changed if not k.startswith(SAFE_PREFIXES)]
+  reference = _state_signature(config, abstract_state) if suspicious else None
+
+  def alters_state(key):
+    old = copy.deepcopy(config)
+    section, _, name = key.rpartition('.')
+    try:
+      (old[section] if section else old)[name] = saved[key]
+      return _state_signature(old, abstract_state) != reference
+    except Exception:  # an old value the current config cannot even hold or build: not resumable
+      return True
+
+  blocking = [k for k in suspicious if k in DATA_ORDER_KEYS or alters_state(k)]
+  if blocking:
+    what = ', '.join(f'{k} {saved[k]!r} -> {current[k]!r}' for k in blocking)
+    raise ConfigError(f'{what}: changed since this workdir\'s run started ({workdir_lib.CONFIG_FILE}), which '
+                      'changes the train state or the data order its checkpoints continue; use the original '
+                      'values or a new --workdir')
+  return [f'{k}: {saved[k]!r} -> {current[k]!r}' for k in changed]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # train_and_evaluate
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -241,6 +298,15 @@ def train_and_evaluate(config, workdir: str):
 
 def _train(config, workdir: str, sigterm: threading.Event):
   # -- Setup. -------------------------------------------------------------------------------------------------
+  # -- The config against the one the checkpoints continue, before anything is written.
+  manager = checkpoint.create_manager(workdir, keep=config.train.keep_checkpoints)
+  saved_config = workdir_lib.read_config(workdir)
+  if manager.all_steps() and saved_config is not None:
+    for line in check_resume_config(config, saved_config, lambda c: abstract_train_state(c, create_model(c))):
+      console(f'resuming with a changed setting: {line}')
+  else:  # a fresh start (or a workdir from before config.json): this is the config its checkpoints continue
+    workdir_lib.write_config(workdir, config)
+
   model = create_model(config)
   betas = schedules.get_betas(config.diffusion.schedule, config.diffusion.num_timesteps)
   schedule = schedules.make_schedule(betas)
@@ -252,7 +318,6 @@ def _train(config, workdir: str, sigterm: threading.Event):
   # -- State: resume order is (1) the newest checkpoint in workdir that restores intact (newer broken ones are
   # moved aside, with a warning), (2) fresh init. The state holds step and RNG; the data position is the step.
   state = create_train_state(config, model, tx)
-  manager = checkpoint.create_manager(workdir, keep=config.train.keep_checkpoints)
   restored = checkpoint.resume(manager, state, warn=console)
   if restored is not None:
     state = restored
@@ -291,8 +356,7 @@ def _train(config, workdir: str, sigterm: threading.Event):
       pending_metrics = []
       now = time.time()
       scalars['steps_per_sec'] = (step - last_log_step) / (now - last_log_time)
-      scalars['learning_rate'] = float(optax.linear_schedule(
-          0.0, config.train.learning_rate, max(config.train.warmup_steps, 1))(step))
+      scalars['learning_rate'] = float(learning_rate_schedule(config.train)(step - 1))  # what update `step` used
       log.write(step, scalars)
       eta = (num_steps - step) / max(scalars['steps_per_sec'], 1e-9)
       console(f'step {step}/{num_steps}  loss {scalars["loss"]:.4f}  {scalars["steps_per_sec"]:.2f} steps/s  '
@@ -323,9 +387,14 @@ def _train(config, workdir: str, sigterm: threading.Event):
   return mapper.unreplicate(replicated)
 
 
+MAX_GRID_COLUMNS = 16
+
+
 def grid_columns(config) -> int:
-  """One class per column when class-conditional, else a square-ish grid."""
-  return config.data.num_classes or int(np.ceil(np.sqrt(config.sample.num_samples)))
+  """One class per column when class-conditional (classes cycling when there are more than 16), else a
+  square-ish grid; never more than 16 columns, so a 1000-class grid is not one row 65,000 px wide."""
+  wanted = config.data.num_classes or int(np.ceil(np.sqrt(config.sample.num_samples)))
+  return min(wanted, MAX_GRID_COLUMNS)
 
 
 def grid_scale(config) -> int:

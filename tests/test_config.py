@@ -59,6 +59,7 @@ INVALID = [
     ({'parallel.precision': 'float16'}, 'parallel.precision'),
     # incompatible combinations
     ({'diffusion.variance': 'learned_range', 'diffusion.loss': 'simple'}, 'diffusion.loss'),
+    ({'diffusion.variance': 'fixed_small', 'diffusion.loss': 'hybrid'}, 'diffusion.loss'),  # vb trains nothing
     ({'diffusion.schedule': 'linear', 'diffusion.num_timesteps': 10}, 'diffusion.num_timesteps'),
     ({'data.num_classes': 0, 'sample.guidance': 1.0}, 'sample.guidance'),
     ({'train.p_uncond': 0.0, 'sample.guidance': 1.0}, 'sample.guidance'),

@@ -112,7 +112,7 @@ CLASS_MODEL = _class_model(10)
 
 def test_guidance_zero_is_conditional_sampling():
   labels = jnp.full((SHAPE[0],), 7, jnp.int32)
-  guided = samplers.classifier_free_guidance(CLASS_MODEL, guidance=0.0, num_classes=10)
+  guided = samplers.classifier_free_guidance(CLASS_MODEL, guidance=0.0, num_classes=10, mean_channels=1)
   x_t = jax.random.normal(jax.random.key(1), SHAPE)
   t = jnp.full((SHAPE[0],), 500, jnp.int32)
   np.testing.assert_array_equal(guided(x_t, t, labels), CLASS_MODEL(x_t, t, labels))
@@ -154,21 +154,53 @@ def test_random_labels_never_null():
   np.testing.assert_array_equal(samplers.draw_labels(jax.random.key(0), 3, num_classes=10, class_label=4), [4] * 3)
 
 
-def test_traces_once_per_shape_and_per_example_noise():
-  traces = []
-
-  def model_fn(x_t, t, labels):
-    traces.append(1)
-    return MODELS['eps'](x_t, t, labels)
-
+def test_compiles_once_per_shape_and_per_example_noise():
+  model_fn = MODELS['eps']
+  compiled = samplers._sample_loop._cache_size()
   a = samplers.sample(model_fn, BETAS, shape=(8, 2, 2, 1), rng=jax.random.key(0), num_steps=20, eta=0.5)
   b = samplers.sample(model_fn, BETAS, shape=(8, 2, 2, 1), rng=jax.random.key(1), num_steps=20, eta=0.3)
-  assert len(traces) == 1 and not np.allclose(a, b)
+  assert samplers._sample_loop._cache_size() == compiled + 1 and not np.allclose(a, b)
   samplers.sample(model_fn, BETAS, shape=(4, 2, 2, 1), rng=jax.random.key(0), num_steps=20)
-  assert len(traces) == 2
-  # Each example's noise comes from its own key: a larger batch from the same rng starts with the same examples.
+  assert samplers._sample_loop._cache_size() == compiled + 2
+  # Each example's noise comes from its own key (folded from its index): a larger batch from the same rng and
+  # settings starts with the same examples, so a padded batch leaves the real samples unchanged.
   big = samplers.sample(model_fn, BETAS, shape=(16, 2, 2, 1), rng=jax.random.key(0), num_steps=20, eta=0.5)
-  assert not np.allclose(big[:8], b)
+  np.testing.assert_allclose(big[:8], a, rtol=1e-6, atol=1e-6)
+  assert not np.allclose(big[8:], a)
+  # [B] keys, one per example, give the same samples as the single key they were folded from.
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(8))
+  np.testing.assert_array_equal(
+      samplers.sample(model_fn, BETAS, shape=(8, 2, 2, 1), rng=keys, num_steps=20, eta=0.5), a)
+
+
+def scaled_model(params, x_t, t, labels):
+  return params['scale'] * MODELS['eps'](x_t, t, labels)
+
+
+def test_params_are_an_argument_not_a_constant():
+  # A library user passing weights through params= gets one compilation per shape, whatever the weights.
+  compiled = samplers._sample_loop._cache_size()
+  outputs = [samplers.sample(scaled_model, BETAS, shape=(8, 2, 2, 1), rng=jax.random.key(0), num_steps=20,
+                             params={'scale': jnp.float32(scale)}) for scale in (1.0, 0.5)]
+  assert samplers._sample_loop._cache_size() == compiled + 1
+  np.testing.assert_allclose(outputs[0], samplers.sample(MODELS['eps'], BETAS, shape=(8, 2, 2, 1),
+                                                         rng=jax.random.key(0), num_steps=20), atol=1e-6)
+  assert not np.allclose(outputs[0], outputs[1])
+
+
+def test_guidance_keeps_the_conditional_variance():
+  # Learned-range output [ε, v]: guidance extrapolates ε and leaves v the conditional one (GLIDE,
+  # guided-diffusion), so log Σ stays within [log β̃, log β].
+  def model_fn(x_t, t, labels):
+    is_null = (labels == 10).astype(jnp.float32).reshape(-1, 1, 1, 1)
+    eps = jnp.broadcast_to(0.1 + 0.2 * is_null, x_t.shape)
+    v = jnp.broadcast_to(0.9 - 1.8 * is_null, x_t.shape)  # 0.9 conditional, −0.9 null
+    return jnp.concatenate([eps, v], axis=-1)
+
+  guided = samplers.classifier_free_guidance(model_fn, guidance=2.0, num_classes=10, mean_channels=1)
+  out = guided(jnp.zeros((3, 2, 2, 1)), jnp.zeros((3,), jnp.int32), jnp.array([0, 4, 9], jnp.int32))
+  np.testing.assert_allclose(out[..., 0], 3 * 0.1 - 2 * 0.3, rtol=1e-6)  # (1+w)·ε_c − w·ε_∅
+  np.testing.assert_allclose(out[..., 1], 0.9)  # the conditional v, not 3·0.9 − 2·(−0.9) = 4.5
 
 
 def test_clip_x0_bounds_final_sample():

@@ -52,10 +52,35 @@ def test_ddgan_vp_cifar_values():
   assert 0.9 < betas[-1] < 1
 
 
+def iddpm_space_timesteps(num_timesteps, count):
+  """improved_diffusion/respace.py space_timesteps(T, [count]) (one section), restated."""
+  frac_stride = 1 if count <= 1 else (num_timesteps - 1) / (count - 1)
+  cur_idx, taken = 0.0, []
+  for _ in range(count):
+    taken.append(round(cur_idx))
+    cur_idx += frac_stride
+  return sorted(set(taken))
+
+
+def test_num_steps_not_dividing_T_is_iddpm_even_spacing_ending_at_T_minus_1():
+  for T in (50, 1000, 4000):
+    for N in range(2, T + 1):
+      if T % N:
+        got = schedules.spaced_timesteps(T, num_steps=N)
+        assert list(got) == iddpm_space_timesteps(T, N), (T, N)
+        assert got[-1] == T - 1 and len(got) == N
+  # The issue's case: N = 600 of T = 1000 used to stop at t = 599 (ᾱ = 0.34) and start from pure noise there.
+  betas = schedules.get_betas('cosine', 1000)
+  spaced = schedules.spaced_schedule(betas, num_steps=600)
+  assert int(spaced.timesteps[-1]) == 999
+  assert float(spaced.alphas_cumprod[-1]) == pytest.approx(np.cumprod(1 - betas)[-1], rel=1e-5)
+  assert float(spaced.alphas_cumprod[-1]) < 1e-6
+
+
 def test_spaced_timesteps():
   np.testing.assert_array_equal(schedules.spaced_timesteps(1000, num_steps=50), np.arange(0, 1000, 20))
   np.testing.assert_array_equal(schedules.spaced_timesteps(1000, step_size=10), np.arange(0, 1000, 10))
-  np.testing.assert_array_equal(schedules.spaced_timesteps(1000, num_steps=3), [0, 333, 666])
+  np.testing.assert_array_equal(schedules.spaced_timesteps(1000, num_steps=3), [0, 500, 999])
   np.testing.assert_array_equal(schedules.spaced_timesteps(7), np.arange(7))
 
 

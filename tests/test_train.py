@@ -1,10 +1,12 @@
 """End to end: train a tiny config, checkpoint, resume, sample; TFDS datasets through mock_data; bad input."""
+import errno
 import json
 import os
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -115,3 +117,71 @@ def test_cli_batch_not_divisible_by_devices_exits_2(tmp_path):
 def test_cli_sample_without_checkpoint_fails_clearly(tmp_path):
   result = run_cli(['--workdir', str(tmp_path), '--mode', 'sample'])
   assert result.returncode == 1 and 'no checkpoint in' in result.stderr
+
+
+def test_workdir_keeps_its_config_and_resume_refuses_structure_or_data_order_changes(trained, data_dir):
+  workdir, _, _ = trained
+  saved = json.load(open(os.path.join(workdir, 'config.json')))
+  assert saved['model.ch'] == 16 and saved['train.num_steps'] == 4  # the start's, kept by the resume to 6
+  steps_before = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+  changed = tiny_config(data_dir, **{'model.ch': 8, 'train.grad_clip': 0.0, 'data.batch_size': 8,
+                                     'train.num_steps': 8, 'sample.guidance': 2.0})
+  with pytest.raises(ConfigError) as error:
+    train.train_and_evaluate(changed, workdir)
+  message = str(error.value)
+  assert '\n' not in message
+  for named in ('data.batch_size 16 -> 8', 'model.ch 16 -> 8', 'train.grad_clip 1.0 -> 0.0'):
+    assert named in message, message
+  assert 'num_steps' not in message and 'guidance' not in message
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == steps_before
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints.corrupt'))
+  # Changes that leave the state and the data order alone are reported, not refused.
+  safe = tiny_config(data_dir, **{'train.num_steps': 8, 'sample.guidance': 2.0, 'train.learning_rate': 5e-4})
+  lines = train.check_resume_config(safe, saved, lambda c: train.abstract_train_state(c, create_model(c)))
+  assert lines == ['sample.guidance: 1.0 -> 2.0', 'train.learning_rate: 0.001 -> 0.0005', 'train.num_steps: 4 -> 8']
+
+
+def test_storage_errors_are_retried_and_never_move_a_checkpoint(trained, data_dir, monkeypatch):
+  workdir, _, resumed = trained
+  config = tiny_config(data_dir)
+  template = train.abstract_train_state(config, create_model(config))
+  manager = checkpoint.create_manager(workdir, read_only=True)
+  real_restore, failures = manager.restore, []
+
+  def flaky_restore(step, *args, **kwargs):
+    if len(failures) < budget[0]:
+      failures.append(step)
+      raise OSError(errno.EIO, os.strerror(errno.EIO))
+    return real_restore(step, *args, **kwargs)
+
+  monkeypatch.setattr(manager, 'restore', flaky_restore)
+  monkeypatch.setattr(checkpoint.time, 'sleep', lambda seconds: None)
+  budget = [checkpoint.READ_ATTEMPTS - 1]  # transient: the last attempt reads it
+  state = checkpoint.resume(manager, template, warn=print)
+  assert failures == [6] * (checkpoint.READ_ATTEMPTS - 1) and int(state.step) == 6
+  np.testing.assert_array_equal(jax.tree.leaves(state.params)[0], jax.tree.leaves(resumed.params)[0])
+  budget[0] = 10 ** 6  # persistent: one line, and the checkpoint stays where it is
+  with pytest.raises(checkpoint.CheckpointReadError) as error:
+    checkpoint.resume(manager, template, warn=print)
+  assert 'nothing was moved' in str(error.value) and '\n' not in str(error.value)
+  assert '6' in os.listdir(os.path.join(workdir, 'checkpoints'))
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints.corrupt'))
+
+
+def test_first_update_moves_and_the_logged_rate_is_the_one_used():
+  config = tiny_config(None)
+  for warmup, rates in ((0, [1e-3, 1e-3]), (4, [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])):
+    config.train.warmup_steps = warmup
+    schedule = train.learning_rate_schedule(config.train)
+    np.testing.assert_allclose([float(schedule(n)) for n in range(len(rates))], rates, rtol=1e-6)
+  config.train.update(warmup_steps=0, grad_clip=0.0)
+  tx = train.make_optimizer(config.train)
+  params = {'w': jnp.ones(3)}
+  updates, _ = tx.update({'w': jnp.array([1.0, -2.0, 0.5])}, tx.init(params), params)
+  np.testing.assert_allclose(updates['w'], [-1e-3, 1e-3, -1e-3], rtol=1e-4)  # Adam's first step: ±lr
+
+
+def test_grids_are_at_most_16_columns():
+  for classes, samples, columns in ((10, 100, 10), (1000, 100, 16), (0, 100, 10), (0, 1000, 16)):
+    config = tiny_config(None, **{'data.num_classes': classes, 'sample.num_samples': samples})
+    assert train.grid_columns(config) == columns

@@ -43,7 +43,8 @@ def check_types(config):
       check(isinstance(value, types) and (bool in types or not isinstance(value, bool)), key, value, allowed)
 
 
-def validate(config):
+def validate(config, *, device_count: int | None = None):
+  """Every key of `config`, for `device_count` devices (default: those this program sees)."""
   check_types(config)
   data, diff, train, sample = config.data, config.diffusion, config.train, config.sample
   check(bool(data.dataset.strip()), 'data.dataset', data.dataset, "a TFDS dataset name such as 'digits' or 'mnist'")
@@ -112,7 +113,7 @@ def validate(config):
         'eval.reference', config.eval.reference, "'train', 'validation', 'test' (a split of data.dataset) or a "
         'stats .npz path')
 
-  parallel.validate(config)
+  parallel.validate(config, device_count)
 
 
 def load_config_module(path):

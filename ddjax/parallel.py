@@ -19,11 +19,11 @@ MODES = ('pmap', 'shard_map')
 AXIS = 'data'
 
 
-def validate(config):
-  """Parallel settings against the devices this program sees (global count across hosts)."""
+def validate(config, device_count: int | None = None):
+  """Parallel settings against `device_count` devices (default: those this program sees, across hosts)."""
   check_choice('parallel.mode', config.parallel.mode, MODES)
   check_choice('parallel.precision', config.parallel.precision, ('float32', 'bfloat16'))
-  devices = jax.device_count()
+  devices = device_count or jax.device_count()
   check(config.data.batch_size % devices == 0, 'data.batch_size', config.data.batch_size,
         f'a multiple of the global device count {devices}')
   accum = config.train.grad_accum_steps

@@ -147,6 +147,15 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, prediction, var
   return new_state, metrics
 
 
+def bind_train_step(config, model, tx, schedule):
+  """train_step(state, batch, *, axis_name) with the config's fixed dependencies bound."""
+  return functools.partial(
+      train_step, model=model, tx=tx, schedule=schedule, prediction=config.diffusion.prediction,
+      variance=config.diffusion.variance, loss=config.diffusion.loss, hybrid_lambda=config.diffusion.hybrid_lambda,
+      num_classes=config.data.num_classes, p_uncond=config.train.p_uncond, ema_decay=config.train.ema_decay,
+      grad_accum_steps=config.train.grad_accum_steps)
+
+
 def should_run(step: int, every: int, last_step: int) -> bool:
   """Periodic actions (log, checkpoint, sample) after update `step` (1-based), and always at the last step."""
   return step == last_step or (every > 0 and step % every == 0)
@@ -328,11 +337,7 @@ def _train(config, workdir: str, sigterm: threading.Event):
           f'({jax.default_backend()}, {config.parallel.mode}); global batch {config.data.batch_size}')
 
   batches = parallel.prefetch(data.create_dataset(config, start_step=start_step), mapper.shard_batch)
-  step_fn = mapper.map(functools.partial(
-      train_step, model=model, tx=tx, schedule=schedule, prediction=config.diffusion.prediction,
-      variance=config.diffusion.variance, loss=config.diffusion.loss, hybrid_lambda=config.diffusion.hybrid_lambda,
-      num_classes=config.data.num_classes, p_uncond=config.train.p_uncond, ema_decay=config.train.ema_decay,
-      grad_accum_steps=config.train.grad_accum_steps))
+  step_fn = mapper.map(bind_train_step(config, model, tx, schedule))
   generate_fn = generate.make_generate_fn(config, model, betas, mapper.mesh)
   replicated = mapper.replicate(state)
 

@@ -1,5 +1,6 @@
 """Config validation: every invalid setting stops in `config.validate`, before anything is built, with one line
 naming the key, the value and what is allowed; through the CLI that line is all of stderr, with exit status 2."""
+import json
 import os
 import subprocess
 import sys
@@ -99,10 +100,30 @@ def test_invalid_setting_is_one_line_naming_key_value_and_allowed(settings, key)
   assert len(message) > len(f'{key}={value!r} is invalid; allowed: ')
 
 
-def test_shipped_configs_are_valid():
-  for name in sorted(os.listdir(os.path.join(REPO, 'configs'))):
-    if name.endswith('.py') and not name.startswith('_'):
-      config_lib.validate(config_lib.load_config_module(os.path.join(REPO, 'configs', name)).get_config())
+SHIPPED = sorted(os.path.join('configs', name) for name in os.listdir(os.path.join(REPO, 'configs'))
+                 if name.endswith('.py') and not name.startswith('_'))
+
+
+@pytest.mark.parametrize('devices', [1, 2, 4, 8, 16])
+def test_shipped_configs_are_valid_on_any_device_count(devices):
+  for path in SHIPPED:
+    config_lib.validate(config_lib.load_config_module(os.path.join(REPO, path)).get_config(), device_count=devices)
+
+
+def test_shipped_configs_lower_a_train_step_on_8_devices_at_their_real_shapes():
+  """Unmodified, on 8 fake devices: validated, and one train step traced and lowered (not compiled, not run)
+  with the real global batch split over the devices."""
+  result = subprocess.run([sys.executable, '-m', 'tests.lower_configs', *SHIPPED], cwd=REPO, capture_output=True,
+                          text=True, timeout=600,
+                          env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  lowered = [json.loads(line) for line in result.stdout.splitlines()]
+  assert [record['config'] for record in lowered] == SHIPPED
+  for record in lowered:
+    print(record)
+    assert record['devices'] == 8 and record['mode'] == 'shard_map' and record['per_device_batch_in_program']
+  imagenet = [r for r in lowered if 'imagenet64' in r['config']]
+  assert len(imagenet) == 5 and all(r['per_device_batch'] == [128, 64, 64, 3] for r in imagenet)
 
 
 def test_cli_invalid_config_is_one_stderr_line_and_exit_2(tmp_path):

@@ -25,7 +25,8 @@ tf.config.set_visible_devices([], 'GPU')  # TensorFlow must not take accelerator
 _BUILT_IN = ('digits',)
 # What `tfds build` alone does not tell, by builder name.
 _PREPARE_NOTES = {
-    'imagenet_resized': '; its archives are served by image-net.org to logged-in ImageNet users',
+    'imagenet_resized': '; note that its labels are those of the downsampled-ImageNet release, not the standard '
+                        'synset-sorted ImageNet order',
 }
 
 
@@ -120,6 +121,18 @@ def prepared_builder(name, data_dir):
   return builder
 
 
+def check_prepared(config, mode: str) -> None:
+  """Raises DatasetNotFoundError (one line: how to prepare it) unless data.dataset is prepared in data.data_dir
+  when `mode` reads it; ddjax.main calls this before any mode builds or writes anything. 'train' reads its
+  training split; 'eval' a split named by eval.reference and the held-out examples of the NLL (eval.bpd_examples
+  > 0), so not with a stats file and no NLL; 'sample' reads no data."""
+  uses_a_split = config.eval.reference in ('train', 'validation', 'test') or config.eval.bpd_examples > 0
+  if mode == 'train' or (mode == 'eval' and uses_a_split):
+    builder = prepared_builder(config.data.dataset, config.data.data_dir)
+    if not builder.is_prepared():
+      raise not_prepared(builder)
+
+
 def read_split(builder, split, decoders):
   """builder.as_dataset, turning TFDS's "could not find data" into a one-line how-to-prepare error.
 
@@ -131,15 +144,31 @@ def read_split(builder, split, decoders):
   except AssertionError:
     if builder.is_prepared():
       raise
-    name = builder.info.full_name.rsplit('/', 1)[0]  # with the config, without the version
-    root = builder.data_dir_root
-    how = f'`tfds build {name} --data_dir {root}`'
-    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
-      how += f' after putting its manual download in {root}/downloads/manual'
-    how += _PREPARE_NOTES.get(builder.name, '')
-    raise DatasetNotFoundError(
-        f'dataset {name!r} is not prepared in {root}: prepare it with {how} '
-        f'(see https://www.tensorflow.org/datasets/catalog/{builder.name})') from None
+    raise not_prepared(builder) from None
+
+
+def not_prepared(builder) -> DatasetNotFoundError:
+  """The one-line error for a dataset that is not prepared in its data_dir: the `tfds build` command to run."""
+  name = builder.info.full_name.rsplit('/', 1)[0]  # with the config, without the version
+  root = builder.data_dir_root
+  how = f'`tfds build {name} --data_dir {root}`'
+  manual = _manual_archives(builder) or (builder.MANUAL_DOWNLOAD_INSTRUCTIONS and 'its manual download')
+  if manual:
+    how += f' after putting {manual} in {root}/downloads/manual/'
+  how += _PREPARE_NOTES.get(builder.name, '')
+  return DatasetNotFoundError(f'dataset {name!r} is not prepared in {root}: prepare it with {how} '
+                              f'(see https://www.tensorflow.org/datasets/catalog/{builder.name})')
+
+
+def _manual_archives(builder) -> str | None:
+  """The files `tfds build` would download itself but cannot (a login is needed), which TFDS then takes from its
+  manual_dir, <data_dir>/downloads/manual/, if they are there."""
+  if builder.name != 'imagenet_resized':
+    return None
+  size = builder.builder_config.size
+  train = (f'Imagenet{size}_train_part1_npz.zip, Imagenet{size}_train_part2_npz.zip' if size == 64
+           else f'Imagenet{size}_train_npz.zip')
+  return f'{train} and Imagenet{size}_val_npz.zip (image-net.org serves them to logged-in ImageNet users)'
 
 
 def to_model_space(image, image_size, num_channels):

@@ -4,9 +4,11 @@
   python -m ddjax.fid stats --dataset cifar10 --split train [--data_dir D] --weights ... --out ref.npz
   python -m ddjax.fid score a.npz b.npz          # prints: FID <value>
 
-A stats file holds `mu` [2048], `sigma` [2048, 2048] (float64), `is_mean`, `is_std` and its provenance (`count`,
-`weights_sha256`, `source`, and for a dataset `dataset`, `split`). A stats file of the ADM evaluation suite
-(`mu`, `sigma`) works as a reference too.
+A stats file holds `mu` [2048], `sigma` [2048, 2048] (float64) and its provenance (`count`, `weights_sha256`,
+`source`; for a dataset also `dataset`, `version`, `split`, `data_dir`, `image_size`, `num_channels`), and for
+images also `is_mean`, `is_std`. A dataset's statistics come from running sums over its batches, so host memory
+does not grow with its size; they carry no Inception Score (that would hold every logit). A stats file of the
+ADM evaluation suite (`mu`, `sigma`) works as a reference too.
 """
 import argparse
 import functools
@@ -88,19 +90,46 @@ def inception_score(logits: np.ndarray, *, splits: int = IS_SPLITS) -> tuple[flo
 
 
 def statistics(features: np.ndarray, logits: np.ndarray, **provenance) -> dict:
-  """{'mu', 'sigma' (covariance with N − 1, as np.cov), 'is_mean', 'is_std', 'count', **provenance}."""
+  """{'mu', 'sigma' (covariance with N − 1, as np.cov), 'is_mean', 'is_std', 'count', **provenance} of arrays
+  held in memory; `stats_of` streams instead."""
   features = np.float64(features)
   is_mean, is_std = inception_score(logits)
   return {'mu': features.mean(axis=0), 'sigma': np.cov(features, rowvar=False), 'is_mean': is_mean,
           'is_std': is_std, 'count': len(features), **provenance}
 
 
+class RunningMoments:
+  """The mean and covariance of feature batches from float64 running sums, in O(d²) memory whatever their number:
+
+  μ = Σf / n,  Σ = (Σ fᵀf − n·μμᵀ) / (n − 1)  (N − 1 as np.cov and pytorch-fid; d from the first batch).
+  """
+
+  def __init__(self):
+    self.count, self.sum, self.outer = 0, None, None
+
+  def add(self, features: np.ndarray) -> None:
+    features = np.float64(features)
+    if self.sum is None:
+      self.sum, self.outer = np.zeros(features.shape[1]), np.zeros((features.shape[1],) * 2)
+    self.count += len(features)
+    self.sum += features.sum(axis=0)
+    self.outer += features.T @ features
+
+  def mean(self) -> np.ndarray:
+    return self.sum / self.count
+
+  def covariance(self) -> np.ndarray:
+    mean = self.mean()
+    return (self.outer - self.count * np.outer(mean, mean)) / (self.count - 1)
+
+
 # -- Stats files. ----------------------------------------------------------------------------------------------
 
-def save_stats(path: str, stats: dict) -> None:
+def save_npz(path: str, arrays: dict) -> None:
+  """`arrays` -> the .npz `path`, atomically (a .tmp file, then os.replace): a killed writer leaves no torn file."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path + '.tmp', 'wb') as f:  # np.savez appends .npz to a name, never to a file object
-    np.savez(f, **stats)
+    np.savez(f, **arrays)
   os.replace(path + '.tmp', path)
 
 
@@ -203,20 +232,51 @@ def make_feature_fn(mesh: Mesh):
   return features
 
 
-def compute_features(batches, variables, *, mesh: Mesh, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """(features [N, 2048], logits [N, 1008]) of every image in `batches` (uint8 arrays of at most batch_size
-  images, the same on every process). Each batch is padded to batch_size (one compilation) and trimmed."""
-  batch_size = -(-batch_size // mesh.size) * mesh.size  # divisible by the device count
+def feature_batches(batches, variables, *, mesh: Mesh, batch_size: int):
+  """Yields (features [b, 2048], logits [b, 1008]) of each uint8 batch of `batches` (at most batch_size images,
+  the same on every process; the outputs are the same on every process too), in order.
+
+  Batch k + 1 is dispatched before batch k's outputs are fetched (JAX dispatch is asynchronous), so the devices
+  compute while the host reads the next batch and consumes this one. Each batch is padded to batch_size rounded
+  up to the device count (one compilation) and trimmed.
+  """
+  batch_size = -(-batch_size // mesh.size) * mesh.size
   feature_fn = make_feature_fn(mesh)
   variables = parallel.global_replicated(mesh, variables)
-  features, logits = [], []
+  pending = None
   for batch in batches:
     padded = np.zeros((batch_size,) + batch.shape[1:], np.uint8)
     padded[:len(batch)] = batch
-    outputs = feature_fn(variables, parallel.global_sharded(mesh, padded))
-    features.append(parallel.fetch(outputs[0])[:len(batch)])
-    logits.append(parallel.fetch(outputs[1])[:len(batch)])
-  return np.concatenate(features), np.concatenate(logits)
+    dispatched = feature_fn(variables, parallel.global_sharded(mesh, padded)), len(batch)
+    if pending is not None:
+      yield fetch_outputs(*pending)
+    pending = dispatched
+  if pending is not None:
+    yield fetch_outputs(*pending)
+
+
+def fetch_outputs(outputs, count: int) -> tuple[np.ndarray, np.ndarray]:
+  features, logits = outputs
+  return parallel.fetch(features)[:count], parallel.fetch(logits)[:count]
+
+
+def stats_of(batches, variables, *, mesh: Mesh, batch_size: int, with_inception_score: bool, **provenance) -> dict:
+  """{'mu', 'sigma', 'count', **provenance} of the uint8 image batches `batches`, from running sums
+  (RunningMoments: host memory flat in their number); `with_inception_score` adds 'is_mean' and 'is_std', which
+  keep every logit (N × 1008), so only for a bounded number of samples. A `count` in `provenance` must be the
+  number of images streamed."""
+  moments, logits = RunningMoments(), []
+  for batch_features, batch_logits in feature_batches(batches, variables, mesh=mesh, batch_size=batch_size):
+    moments.add(batch_features)
+    if with_inception_score:
+      logits.append(batch_logits)
+  if provenance.setdefault('count', moments.count) != moments.count:
+    raise ValueError(f'{provenance.get("source")} gave {moments.count} images, not the {provenance["count"]} '
+                     'expected')
+  result = {'mu': moments.mean(), 'sigma': moments.covariance(), **provenance}
+  if with_inception_score:
+    result['is_mean'], result['is_std'] = inception_score(np.concatenate(logits))
+  return result
 
 
 def array_batches(images: np.ndarray, batch_size: int):
@@ -246,10 +306,18 @@ def dataset_batches(dataset: str, split: str, *, data_dir: str | None, batch_siz
   yield from examples.batch(batch_size).prefetch(2).as_numpy_iterator()
 
 
-def stats_of(batches, variables, *, weights_sha256: str, mesh: Mesh, batch_size: int, **provenance) -> dict:
-  """The stats of the uint8 image batches `batches`, with their provenance."""
-  features, logits = compute_features(batches, variables, mesh=mesh, batch_size=batch_size)
-  return statistics(features, logits, weights_sha256=weights_sha256, **provenance)
+def dataset_provenance(dataset: str, split: str, *, data_dir: str | None, image_size: int | None,
+                       num_channels: int | None, weights_sha256: str) -> dict:
+  """Everything a split's statistics depend on, as stored in (and checked against) its stats file: dataset,
+  TFDS version, split, resolved data_dir, image size and channels (0: as stored), example count, weights."""
+  from ddjax import data  # TensorFlow only when a dataset is read
+  import tensorflow_datasets as tfds
+  builder = data.prepared_builder(dataset, data_dir)
+  examples = data.read_split(builder, split, decoders={'image': tfds.decode.SkipDecoding()})
+  return {'source': f'tfds:{dataset}/{split}', 'dataset': dataset, 'version': str(builder.version),
+          'split': split, 'data_dir': os.path.abspath(os.fspath(builder.data_dir_root)),
+          'image_size': image_size or 0, 'num_channels': num_channels or 0, 'count': int(examples.cardinality()),
+          'weights_sha256': weights_sha256}
 
 
 # -- Command line. ---------------------------------------------------------------------------------------------
@@ -278,20 +346,23 @@ def main(argv=None) -> None:
       print(f'FID {value:#.7g}')
       return
     weights = weights_path(args.weights)
-    variables = load_variables(weights)
+    variables, weights_sha256 = load_variables(weights), sha256_of(weights)
     mesh = Mesh(np.asarray(jax.devices()), (parallel.AXIS,))
     if args.images:
-      batches, provenance = array_batches(load_images(args.images), args.batch_size), {'source': args.images}
+      batches = array_batches(load_images(args.images), args.batch_size)
+      provenance = {'source': args.images, 'weights_sha256': weights_sha256}
     else:
+      provenance = dataset_provenance(args.dataset, args.split, data_dir=args.data_dir, image_size=args.image_size,
+                                      num_channels=args.num_channels, weights_sha256=weights_sha256)
       batches = (images for images, _ in dataset_batches(
           args.dataset, args.split, data_dir=args.data_dir, batch_size=args.batch_size,
           image_size=args.image_size, num_channels=args.num_channels))
-      provenance = {'source': f'tfds:{args.dataset}/{args.split}', 'dataset': args.dataset, 'split': args.split}
-    result = stats_of(batches, variables, weights_sha256=sha256_of(weights), mesh=mesh,
-                      batch_size=args.batch_size, **provenance)
+    result = stats_of(batches, variables, mesh=mesh, batch_size=args.batch_size,
+                      with_inception_score=bool(args.images), **provenance)
     if jax.process_index() == 0:
-      save_stats(args.out, result)
-    print(f'{result["count"]} images: IS {result["is_mean"]:.4f} ± {result["is_std"]:.4f}; stats in {args.out}')
+      save_npz(args.out, result)
+    score = f': IS {result["is_mean"]:.4f} ± {result["is_std"]:.4f}' if args.images else ''
+    print(f'{result["count"]} images{score}; stats in {args.out}')
   except (InceptionWeightsError, FloatingPointError, OSError, ValueError) as error:
     # ValueError: FileFormatError, and a dataset that is missing or unprepared (ddjax.data)
     print(f'ddjax.fid: {" ".join(str(error).split())}', file=sys.stderr)

@@ -53,12 +53,12 @@ def main(argv):
     config_lib.validate(FLAGS.config)
   except ConfigError as error:
     exit_with(f'invalid config: {error}', EXIT_CONFIG_ERROR)
-  from ddjax import sample, train
+  from ddjax import data, sample, train
   from ddjax.checkpoint import CheckpointError
-  from ddjax.data import DatasetNotFoundError
   from ddjax.fid import FileFormatError, InceptionWeightsError
   from ddjax.workdir import WorkdirError
   try:
+    data.check_prepared(FLAGS.config, FLAGS.mode)  # a missing dataset: one line before anything is built or written
     if FLAGS.mode == 'train':
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == 'sample':
@@ -70,7 +70,7 @@ def main(argv):
     exit_with(f'invalid config: {error}', EXIT_CONFIG_ERROR)
   except train.Preempted as stop:
     exit_with(str(stop), EXIT_PREEMPTED)
-  except (DatasetNotFoundError, CheckpointError, WorkdirError, FloatingPointError, InceptionWeightsError,
+  except (data.DatasetNotFoundError, CheckpointError, WorkdirError, FloatingPointError, InceptionWeightsError,
           FileFormatError) as error:
     exit_with(str(error), EXIT_FAILED)
 

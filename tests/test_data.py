@@ -184,6 +184,32 @@ def test_missing_dataset_says_how_to_prepare(tmp_path):
   assert not list(tmp_path.iterdir())  # nothing downloaded or written
 
 
+def test_check_prepared_by_mode(tmp_path, digits_dir):
+  """train and eval need the dataset, sample none; the built-in digits is prepared on first use."""
+  config = make_config(str(tmp_path), dataset='mnist')
+  data.check_prepared(config, 'sample')
+  for mode in ('train', 'eval'):
+    with pytest.raises(data.DatasetNotFoundError, match=f'^dataset .mnist. is not prepared in {tmp_path}: '):
+      data.check_prepared(config, mode)
+  assert not list(tmp_path.iterdir())
+  data.check_prepared(make_config(digits_dir), 'eval')
+
+
+@pytest.mark.parametrize('size, archives', [
+    (64, 'Imagenet64_train_part1_npz.zip, Imagenet64_train_part2_npz.zip and Imagenet64_val_npz.zip'),
+    (32, 'Imagenet32_train_npz.zip and Imagenet32_val_npz.zip'),
+])
+def test_imagenet_resized_says_where_its_archives_go_and_its_label_order(tmp_path, size, archives):
+  with pytest.raises(data.DatasetNotFoundError) as error:
+    data.check_prepared(make_config(str(tmp_path), dataset=f'imagenet_resized/{size}x{size}'), 'train')
+  assert str(error.value) == (
+      f"dataset 'imagenet_resized/{size}x{size}' is not prepared in {tmp_path}: prepare it with `tfds build "
+      f'imagenet_resized/{size}x{size} --data_dir {tmp_path}` after putting {archives} (image-net.org serves them '
+      f'to logged-in ImageNet users) in {tmp_path}/downloads/manual/; note that its labels are those of the '
+      'downsampled-ImageNet release, not the standard synset-sorted ImageNet order '
+      '(see https://www.tensorflow.org/datasets/catalog/imagenet_resized)')
+
+
 def test_unknown_dataset_name(tmp_path):
   with pytest.raises(data.DatasetNotFoundError, match="config.data.dataset='no_such_set'"):
     data.create_dataset(make_config(str(tmp_path), dataset='no_such_set'))

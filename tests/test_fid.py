@@ -1,8 +1,11 @@
-"""FID and IS against closed forms; the FID Inception's shapes, size and layers; the torch-free reader of both
-torch file formats against torch itself; the CLI's one-line failures."""
+"""FID and IS against closed forms; streamed statistics against numpy, in host memory flat in N; the FID
+Inception's shapes, size and layers; the torch-free reader of both torch file formats against torch itself; the
+CLI's one-line failures."""
+import functools
 import os
 import subprocess
 import sys
+import tracemalloc
 
 import jax
 import jax.numpy as jnp
@@ -120,7 +123,7 @@ def test_score_cli_prints_fid(tmp_path, capsys):
   for i in range(2):
     stats = fid.statistics(rng.normal(i, 1.0, size=(30, 5)), np.zeros((30, 1008)))
     paths.append(str(tmp_path / f'{i}.npz'))
-    fid.save_stats(paths[-1], stats)
+    fid.save_npz(paths[-1], stats)
   fid.main(['score', *paths])
   a, b = fid.load_stats(paths[0]), fid.load_stats(paths[1])
   want = fid.frechet_distance(mu1=a['mu'], sigma1=a['sigma'], mu2=b['mu'], sigma2=b['sigma'])
@@ -129,6 +132,94 @@ def test_score_cli_prints_fid(tmp_path, capsys):
                                                                                                           rel=1e-6)
   fid.main(['score', paths[0], paths[0]])
   assert abs(float(capsys.readouterr().out.split()[1])) < 1e-6
+
+
+def test_running_moments_equal_numpy():
+  """Σf and Σfᵀf over uneven float32 batches give np.mean / np.cov of the concatenation (features with a mean far
+  from 0, as pool3 features are non-negative, so that the one-pass formula's cancellation would show)."""
+  rng = np.random.default_rng(5)
+  batches = [rng.normal(3.0, 0.5, size=(n, 2048)).astype(np.float32) for n in (1, 7, 64, 3, 125)]
+  moments = fid.RunningMoments()
+  for batch in batches:
+    moments.add(batch)
+  features = np.float64(np.concatenate(batches))
+  assert moments.count == 200
+  np.testing.assert_allclose(moments.mean(), features.mean(axis=0), rtol=0, atol=1e-12)
+  np.testing.assert_allclose(moments.covariance(), np.cov(features, rowvar=False), rtol=0, atol=1e-10)
+
+
+def fake_inception(num_features: int = inception.NUM_FEATURES, num_logits: int = inception.NUM_LOGITS):
+  """A stand-in for fid.make_feature_fn: (features, logits) that are a fixed random projection of each image,
+  sharded as the network's, at a tiny fraction of its cost."""
+  def make_feature_fn(mesh):
+    sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(parallel.AXIS))
+
+    @functools.partial(jax.jit, out_shardings=sharded)
+    def features(variables, images):
+      del variables
+      pixels = images.reshape(images.shape[0], -1).astype(jnp.float32) / 255.0
+      projection = jax.random.normal(jax.random.key(0), (pixels.shape[1], num_features + num_logits))
+      outputs = pixels @ projection
+      return jax.nn.relu(outputs[:, :num_features]), outputs[:, num_features:]
+
+    return features
+
+  return make_feature_fn
+
+
+def random_batches(num_images: int, batch_size: int = 80):
+  """uint8 [batch_size, 8, 8, 1] batches made one at a time: the source itself holds nothing."""
+  rng = np.random.default_rng(num_images)
+  for _ in range(num_images // batch_size):
+    yield rng.integers(0, 256, size=(batch_size, 8, 8, 1), dtype=np.uint8)
+
+
+def test_streamed_statistics_take_host_memory_flat_in_n(monkeypatch):
+  """fid.stats_of of 10× more images peaks at the same host memory: running sums, not features.
+
+  tracemalloc sees numpy's buffers; fetched device arrays are made numpy copies, as a multi-host fetch returns, so
+  that holding them would show. 256-d features keep the sums' own O(d²) small next to what N features would take.
+  The Inception Score keeps the logits, and the same measurement sees them grow.
+  """
+  monkeypatch.setattr(fid, 'make_feature_fn', fake_inception(num_features=256, num_logits=64))
+  monkeypatch.setattr(parallel, 'fetch', np.array)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), (parallel.AXIS,))
+
+  def peak(num_images, with_inception_score=False):
+    tracemalloc.start()
+    try:
+      stats = fid.stats_of(random_batches(num_images), None, mesh=mesh, batch_size=80,
+                           with_inception_score=with_inception_score)
+      return tracemalloc.get_traced_memory()[1], stats
+    finally:
+      tracemalloc.stop()
+
+  peak(80)  # compiled outside the measurement
+  (small, _), (large, stats) = peak(160), peak(1600)
+  assert stats['count'] == 1600 and stats['sigma'].shape == (256, 256)
+  # About 1.7 MB both; holding the 1600 features would add 1600 · 256 · 4 B = 1.6 MB.
+  assert large - small < 200_000, (small, large)
+  small_is, large_is = peak(160, True)[0], peak(1600, True)[0]
+  assert large_is - small_is > 1440 * 64 * 4, (small_is, large_is)  # at least the extra logits
+
+
+def test_stats_of_is_numpy_of_the_concatenated_features(monkeypatch):
+  """fid.stats_of (padded, overlapped batches, running sums) gives np.mean / np.cov of all the features and the
+  Inception Score of all the logits; a `count` that is not the number of images streamed is an error."""
+  monkeypatch.setattr(fid, 'make_feature_fn', fake_inception())
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), (parallel.AXIS,))
+  images = np.random.default_rng(6).integers(0, 256, size=(11, 8, 8, 1), dtype=np.uint8)
+  outputs = list(fid.feature_batches(fid.array_batches(images, 8), None, mesh=mesh, batch_size=8))
+  features, logits = (np.float64(np.concatenate(arrays)) for arrays in zip(*outputs))
+  stats = fid.stats_of(fid.array_batches(images, 8), None, mesh=mesh, batch_size=8, with_inception_score=True,
+                       source='x', count=11)
+  np.testing.assert_allclose(stats['mu'], features.mean(axis=0), rtol=0, atol=1e-10)
+  np.testing.assert_allclose(stats['sigma'], np.cov(features, rowvar=False), rtol=0, atol=1e-10)
+  assert (stats['is_mean'], stats['is_std']) == fid.inception_score(logits)
+  assert (stats['count'], stats['source']) == (11, 'x') and stats['sigma'].max() > 0
+  with pytest.raises(ValueError, match='^tfds:x/train gave 11 images, not the 12 expected$'):
+    fid.stats_of(fid.array_batches(images, 8), None, mesh=mesh, batch_size=8, with_inception_score=False,
+                 source='tfds:x/train', count=12)
 
 
 # -- The network. ----------------------------------------------------------------------------------------------
@@ -253,15 +344,33 @@ def test_features_of_random_weights(weights_files):
   variables = fid.load_variables(legacy)
   images = np.random.default_rng(4).integers(0, 256, size=(11, 8, 8, 1), dtype=np.uint8)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()), (parallel.AXIS,))
-  features, logits = fid.compute_features(fid.array_batches(images, FEATURE_BATCH), variables, mesh=mesh,
-                                          batch_size=FEATURE_BATCH)
-  assert features.shape == (11, 2048) and logits.shape == (11, 1008)
+  outputs = list(fid.feature_batches(fid.array_batches(images, FEATURE_BATCH), variables, mesh=mesh,
+                                     batch_size=FEATURE_BATCH))
+  assert [(f.shape, l.shape) for f, l in outputs] == [((8, 2048), (8, 1008)), ((3, 2048), (3, 1008))]
+  features, logits = (np.concatenate(arrays) for arrays in zip(*outputs))
   assert np.isfinite(features).all() and (features >= 0).all() and features.std(axis=0).max() > 0
   # Logits are pool3·W (no bias), the Inception Score's convention; padding the last batch changes nothing.
   np.testing.assert_allclose(logits, features @ variables['params']['fc']['kernel'], rtol=1e-4, atol=1e-4)
-  again, _ = fid.compute_features(fid.array_batches(images[8:], FEATURE_BATCH), variables, mesh=mesh,
-                                  batch_size=FEATURE_BATCH)
+  [(again, _)] = fid.feature_batches(iter([images[8:]]), variables, mesh=mesh, batch_size=FEATURE_BATCH)
   np.testing.assert_allclose(again, features[8:], rtol=1e-5, atol=1e-6)
+
+
+def test_stats_cli_of_a_dataset_streams_it_with_its_provenance(weights_files, tmp_path, monkeypatch, capsys):
+  import tensorflow_datasets as tfds
+  _, legacy, _ = weights_files
+  monkeypatch.setattr(fid, 'make_feature_fn', fake_inception(num_features=16, num_logits=10))
+  out = str(tmp_path / 'ref.npz')
+  with tfds.testing.mock_data(num_examples=12):
+    fid.main(['stats', '--dataset', 'mnist', '--split', 'test', '--image_size', '8', '--num_channels', '1',
+              '--weights', legacy, '--batch_size', '8', '--out', out])
+    data_dir = os.fspath(tfds.builder('mnist').data_dir_root)
+  assert capsys.readouterr().out == f'12 images; stats in {out}\n'
+  stats = fid.load_stats(out)
+  assert {k: stats[k] for k in ('source', 'dataset', 'split', 'data_dir', 'image_size', 'num_channels', 'count',
+                                'weights_sha256')} == {
+      'source': 'tfds:mnist/test', 'dataset': 'mnist', 'split': 'test', 'data_dir': data_dir, 'image_size': 8,
+      'num_channels': 1, 'count': 12, 'weights_sha256': fid.sha256_of(legacy)}
+  assert stats['mu'].shape == (16,) and 'is_mean' not in stats  # no Inception Score of a split
 
 
 # -- Failures: one line, exit status 1. ------------------------------------------------------------------------

@@ -223,9 +223,21 @@ def test_unwritable_workdir_fails_clearly(cli, tmp_path):
   assert messages(result) == [f'ddjax: cannot write to workdir {tmp_path}/file/workdir: Not a directory']
 
 
-def test_missing_dataset_fails_clearly(cli, tmp_path):
-  result = cli(tmp_path / 'workdir', **{'data.dataset': 'mnist', 'data.data_dir': tmp_path / 'no_tfds'})
-  assert result.returncode == 1
+@pytest.mark.parametrize('mode', ['train', 'eval', 'sample'])
+def test_missing_dataset_fails_clearly(cli, tmp_path, mode):
+  """train and eval check the dataset first: one line, exit 1, nothing written (no lock, checkpoints/ or
+  metrics.jsonl). sample reads no data: it gets as far as the missing checkpoint, and writes nothing either."""
+  workdir = tmp_path / 'workdir'
+  workdir.mkdir()
+  (workdir / 'notes.txt').write_text('kept')
+  result = cli(workdir, '--mode', mode, **{'data.dataset': 'mnist', 'data.data_dir': tmp_path / 'no_tfds'})
+  assert result.returncode == 1, result.stderr
   [message] = messages(result)
-  assert message.startswith(f"ddjax: dataset 'mnist' is not prepared in {tmp_path}/no_tfds: prepare it with "
-                            f'`tfds build mnist --data_dir {tmp_path}/no_tfds`'), message
+  assert message == result.stderr.strip().splitlines()[-1] and 'Traceback' not in result.stderr, result.stderr
+  if mode == 'sample':
+    assert message == f'ddjax: no checkpoint in {workdir}/checkpoints; train first (--mode train)', message
+  else:
+    assert message == (f"ddjax: dataset 'mnist' is not prepared in {tmp_path}/no_tfds: prepare it with "
+                       f'`tfds build mnist --data_dir {tmp_path}/no_tfds` '
+                       '(see https://www.tensorflow.org/datasets/catalog/mnist)'), message
+  assert os.listdir(workdir) == ['notes.txt'] and not (tmp_path / 'no_tfds').exists()

@@ -47,6 +47,7 @@ def _create_unet(config, dtype) -> nn.Module:
       num_classes=config.data.num_classes,
       out_channels=output_channels(config.data.num_channels, config.diffusion.variance),
       dtype=dtype,
+      remat=model.remat,
   )
 
 

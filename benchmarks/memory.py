@@ -1,0 +1,95 @@
+"""Memory of one device's compiled train step for the ImageNet-64 seed configs, by precision and remat.
+
+The real `train.train_step` at `--per_device` images, with axis_name=None: the per-device program of data
+parallelism (the gradient pmean is the only difference). Compiled on ShapeDtypeStructs with the state donated,
+as training does, and never run. Figures are XLA's `memory_analysis()` of the compiled program:
+  temp    activations kept for the backward pass and other scratch buffers
+  args    the inputs: the TrainState (params, EMA, AdamW moments, step, rng) and the batch
+  output  the new TrainState and the metrics; with the state donated it is written over the arguments
+  total   args + temp + output - aliased (the donated part), the buffers live at the peak
+(generated code is not counted). The XLA:CPU figures are the CPU backend's buffer assignment; a GPU's
+differs somewhat (other fusions, convolution workspace).
+
+Run: python benchmarks/memory.py [--configs res,res_res] [--precisions float32] [--remat off,on]
+                                 [--per_device 128] [--grad_accum_steps 1]
+"""
+import argparse
+import functools
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+
+from ddjax import schedules, train
+from ddjax.config import load_config_module
+from ddjax.models import create_model
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
+VARIANTS = ('res', 'res_conv', 'res_res', 'res_large', 'res_res_atn')
+# XLA:CPU expands jax.checkpoint's optimisation barriers before its last CSE pass, which then merges the
+# recomputation back into the forward pass and undoes remat; XLA:GPU keeps them. Keeping them on CPU too
+# makes the CPU figures show what remat does on a GPU.
+CPU_OPTIONS = {'xla_disable_hlo_passes': 'cse_barrier_expander'}
+GIB = 2.0 ** 30
+
+
+def compile_train_step(config, per_device: int):
+  """(parameter count, the compiled train step) for `config` at `per_device` images."""
+  model = create_model(config)
+  schedule = schedules.make_schedule(
+      schedules.get_betas(config.diffusion.schedule, config.diffusion.num_timesteps))
+  step = functools.partial(train.bind_train_step(config, model, train.make_optimizer(config.train), schedule),
+                           axis_name=None)
+  state = train.abstract_train_state(config, model)
+  size, channels = config.data.image_size, config.data.num_channels
+  batch = {'image': jax.ShapeDtypeStruct((per_device, size, size, channels), jnp.float32),
+           'label': jax.ShapeDtypeStruct((per_device,), jnp.int32)}
+  options = CPU_OPTIONS if jax.default_backend() == 'cpu' else None
+  compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile(compiler_options=options)
+  return sum(p.size for p in jax.tree.leaves(state.params)), compiled
+
+
+def flops(compiled):
+  """FLOPs of one step from XLA's cost analysis (a loop body counted once: with grad_accum_steps k, one
+  micro-batch), or None where the backend gives none."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return cost.get('flops') if cost else None
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--configs', default=','.join(VARIANTS), help='imagenet64_<name> variants, comma list')
+  parser.add_argument('--precisions', default='float32,bfloat16', help='parallel.precision values')
+  parser.add_argument('--remat', default='off,on', help='model.remat values, comma list of off and on')
+  parser.add_argument('--per_device', type=int, default=128, help='images per device (the seed: 128)')
+  parser.add_argument('--grad_accum_steps', type=int, default=1, help='micro-batches per device batch')
+  args = parser.parse_args()
+
+  print(f'train step per device at {args.per_device} images, grad_accum_steps {args.grad_accum_steps}; '
+        f'XLA:{jax.default_backend().upper()} memory analysis, compiled and not run (GiB)')
+  print(f'{"config":<12} {"precision":<9} {"remat":<5} {"params":>11} {"temp":>7} {"args":>7} {"output":>7} '
+        f'{"aliased":>7} {"total":>7} {"TFLOP":>6} {"compile":>8}')
+  for name in args.configs.split(','):
+    for precision in args.precisions.split(','):
+      for remat in args.remat.split(','):
+        config = load_config_module(CONFIGS / f'imagenet64_{name}.py').get_config()
+        config.parallel.precision = precision
+        config.model.remat = remat == 'on'
+        config.train.grad_accum_steps = args.grad_accum_steps
+        start = time.perf_counter()
+        num_params, compiled = compile_train_step(config, args.per_device)
+        seconds = time.perf_counter() - start
+        memory = compiled.memory_analysis()
+        temp, arguments = memory.temp_size_in_bytes, memory.argument_size_in_bytes
+        output, aliased = memory.output_size_in_bytes, memory.alias_size_in_bytes
+        total = temp + arguments + output - aliased
+        step_flops = flops(compiled)
+        tflop = f'{step_flops / 1e12:6.2f}' if step_flops else f'{"-":>6}'
+        print(f'{name:<12} {precision:<9} {remat:<5} {num_params:>11,} {temp / GIB:7.2f} {arguments / GIB:7.2f} '
+              f'{output / GIB:7.2f} {aliased / GIB:7.2f} {total / GIB:7.2f} {tflop} {seconds:7.0f}s', flush=True)
+
+
+if __name__ == '__main__':
+  main()

@@ -147,40 +147,28 @@ def grad_fn(model):
   return jax.value_and_grad(loss, has_aux=True)
 
 
-def test_remat_same_params_outputs_and_grads(tiny):
-  """model.remat changes neither the parameter tree (checkpoints load across it) nor the numbers."""
+def test_remat_same_params_outputs_and_grads_and_less_memory(tiny):
+  """model.remat changes neither the parameter tree (checkpoints load across it) nor the numbers, and XLA's
+  memory analysis of the grad step shows it keeping far fewer activations for the backward pass.
+
+  XLA:CPU drops jax.checkpoint's optimisation barriers before a CSE pass that then undoes remat; XLA:GPU keeps
+  them, and so do these compiles.
+  """
   _, _, params = tiny
   plain, remat = (models.create_model(tiny_config(dropout=0.1, remat=flag)) for flag in (False, True))
-  x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
-  t, labels = jnp.array([5, 300, 600, 999]), jnp.array([0, 3, 9, 10])
+  x = jax.random.normal(jax.random.key(1), (16, 8, 8, 1))
+  t, labels = jnp.arange(16) * 60, jnp.arange(16) % 11
   shapes = [jax.eval_shape(m.init, jax.random.key(0), x, t, labels)['params'] for m in (plain, remat)]
   assert jax.tree.structure(shapes[0]) == jax.tree.structure(shapes[1])
   assert jax.tree.map(lambda p: p.shape, shapes[0]) == jax.tree.map(lambda p: p.shape, shapes[1])
-  key = jax.random.key(7)
-  ((_, out_plain), grads_plain), ((_, out_remat), grads_remat) = (
-      jax.jit(grad_fn(m))(params, key, x, t, labels) for m in (plain, remat))
+  arguments = (params, jax.random.key(7), x, t, labels)
+  compiled = [jax.jit(grad_fn(m)).lower(*arguments).compile(
+      compiler_options={'xla_disable_hlo_passes': 'cse_barrier_expander'}) for m in (plain, remat)]
+  ((_, out_plain), grads_plain), ((_, out_remat), grads_remat) = (c(*arguments) for c in compiled)
   assert np.abs(out_plain).max() > 0.1  # jittered params: a non-trivial output, with dropout masks applied
   np.testing.assert_allclose(out_remat, out_plain, rtol=1e-6, atol=1e-6)
   for g_remat, g_plain in zip(jax.tree.leaves(grads_remat), jax.tree.leaves(grads_plain)):
     np.testing.assert_allclose(g_remat, g_plain, rtol=1e-5, atol=1e-6)
-
-
-def test_remat_lowers_temp_memory():
-  """XLA's memory analysis of the tiny grad step: remat keeps far fewer activations for the backward pass.
-
-  XLA:CPU drops jax.checkpoint's optimisation barriers before a CSE pass that then undoes remat; XLA:GPU keeps
-  them, and so does this compile.
-  """
-  x = jax.ShapeDtypeStruct((16, 16, 16, 1), jnp.float32)
-  t = labels = jax.ShapeDtypeStruct((16,), jnp.int32)
-  temp = []
-  for flag in (False, True):
-    config = tiny_config(dropout=0.1, remat=flag)
-    config.data.image_size = 16
-    model = models.create_model(config)
-    params = jax.eval_shape(model.init, jax.random.key(0), x, t, labels)['params']
-    compiled = jax.jit(grad_fn(model)).lower(params, jax.random.key(0), x, t, labels).compile(
-        compiler_options={'xla_disable_hlo_passes': 'cse_barrier_expander'})
-    temp.append(compiled.memory_analysis().temp_size_in_bytes)
+  temp = [c.memory_analysis().temp_size_in_bytes for c in compiled]
   print(f'temp bytes without / with remat: {temp[0]:,} / {temp[1]:,}')
   assert temp[1] < 0.5 * temp[0]

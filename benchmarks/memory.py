@@ -1,6 +1,6 @@
 """Memory of one device's compiled train step for the ImageNet-64 seed configs, by precision and remat.
 
-The real `train.train_step` at `--per_device` images, with axis_name=None: the per-device program of data
+The real train step (methods.diffusion.train_step) at `--per_device` images, with axis_name=None: the per-device program of data
 parallelism (the gradient pmean is the only difference). Compiled on ShapeDtypeStructs with the state donated,
 as training does, and never run. Figures are XLA's `memory_analysis()` of the compiled program:
   temp    activations kept for the backward pass and other scratch buffers
@@ -21,9 +21,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from ddjax import schedules, train
+from ddjax import methods
 from ddjax.config import load_config_module
-from ddjax.models import create_model
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
 VARIANTS = ('res', 'res_conv', 'res_res', 'res_large', 'res_res_atn')
@@ -36,12 +35,9 @@ GIB = 2.0 ** 30
 
 def compile_train_step(config, per_device: int):
   """(parameter count, the compiled train step) for `config` at `per_device` images."""
-  model = create_model(config)
-  schedule = schedules.make_schedule(
-      schedules.get_betas(config.diffusion.schedule, config.diffusion.num_timesteps))
-  step = functools.partial(train.bind_train_step(config, model, train.make_optimizer(config.train), schedule),
-                           axis_name=None)
-  state = train.abstract_train_state(config, model)
+  method = methods.build(config)
+  step = functools.partial(method.train_step, axis_name=None)
+  state = jax.eval_shape(method.initial_state)
   size, channels = config.data.image_size, config.data.num_channels
   batch = {'image': jax.ShapeDtypeStruct((per_device, size, size, channels), jnp.float32),
            'label': jax.ShapeDtypeStruct((per_device,), jnp.int32)}

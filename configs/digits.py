@@ -10,6 +10,7 @@ from ml_collections import config_dict
 def get_config():
   config = ml_collections.ConfigDict()
   config.seed = 0
+  config.method = 'diffusion'  # the training method (ddjax.methods): 'diffusion' or 'ddgan'
 
   config.data = data = ml_collections.ConfigDict()
   data.dataset = 'digits'
@@ -76,6 +77,7 @@ def get_config():
 
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.num_samples = 1000
+  evaluation.metrics = 'auto'  # 'inception' (FID/IS), 'offline' (a classifier trained on the data), 'both', 'auto'
   evaluation.inception_weights = config_dict.placeholder(str)
   evaluation.reference = 'train'  # a split of data.dataset ('train'|'validation'|'test') or a stats .npz path
   evaluation.batch_size = 200  # Inception batch (global, split over devices)

@@ -20,7 +20,6 @@ written as `samples/eval_<N>x<H>x<W>x<C>_step<step>.npz` (ADM format: arr_0 uint
 Multi-host: every process runs all of it (each batch spans all hosts' devices) and gets the same statistics; only
 process 0 writes files, and a cached file is used only when every process can read it.
 """
-import functools
 import hashlib
 import json
 import os
@@ -30,15 +29,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ddjax import config as config_lib, data, diffusion, fid, generate, parallel, sample, schedules, train
-from ddjax.models import create_model
+from ddjax import config as config_lib, data, fid, generate, methods, offline_metrics, parallel, sample, train
 from ddjax.validation import check
 
 SPLITS = ('train', 'validation', 'test')
 CHUNK_SAMPLES = 5000  # samples per resumable chunk, rounded up to whole sample.batch_size batches
 
 
-def check_reference(config):
+def check_reference(config, method):
   """eval.reference names a split that data.dataset has, or an existing file, and the NLL has a held-out split:
   checked before sampling (the dataset, when needed, checked by data.check_prepared)."""
   reference, dataset = config.eval.reference, config.data.dataset
@@ -48,16 +46,16 @@ def check_reference(config):
           f'a split of {dataset!r} ({", ".join(map(repr, splits))}) or a stats .npz path')
   else:
     check(os.path.isfile(reference), 'eval.reference', reference, 'an existing stats .npz file, or a split')
-  check(not measures_nll(config) or {'test', 'validation'} & set(dataset_splits(config)), 'eval.bpd_examples',
-        config.eval.bpd_examples, f'0: {dataset!r} has no test or validation split for the NLL')
+  check(not measures_nll(config, method) or {'test', 'validation'} & set(dataset_splits(config)),
+        'eval.bpd_examples', config.eval.bpd_examples, f'0: {dataset!r} has no test or validation split for the NLL')
 
 
 def dataset_splits(config) -> list[str]:
   return list(data.prepared_builder(config.data.dataset, config.data.data_dir).info.splits)
 
 
-def measures_nll(config) -> bool:
-  return 'gan' not in config and config.eval.bpd_examples > 0
+def measures_nll(config, method) -> bool:
+  return method.nll_fn is not None and config.eval.bpd_examples > 0
 
 
 def evaluate(config, workdir: str) -> dict:
@@ -65,52 +63,88 @@ def evaluate(config, workdir: str) -> dict:
   metrics.jsonl; the samples are written to samples/eval_<N>x<H>x<W>x<C>_step<step>.npz (ADM format)."""
   config_lib.validate(config)
   data.check_prepared(config, 'eval')
-  check_reference(config)
+  method = methods.build(config)
+  check_reference(config, method)
   evaluation = config.eval
-  weights = fid.weights_path(evaluation.inception_weights)  # before sampling: a missing file fails in seconds
-  inception_variables, weights_sha256 = fid.load_variables(weights), fid.sha256_of(weights)
-  model = create_model(config)
-  betas = schedules.get_betas(config.diffusion.schedule, config.diffusion.num_timesteps)
-  params, step = sample.load_ema_params(config, model, workdir, config.sample.checkpoint_step)
+  weights = inception_weights(config)  # before sampling: a missing file fails in seconds
+  params, step = sample.load_ema_params(config, workdir, config.sample.checkpoint_step)
   mesh = parallel.DataParallel.create(config.parallel.mode).mesh
   samples_rng, bpd_rng = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), step))
 
-  # -- Reference, before any sampling. ---------------------------------------------------------------------------
-  reference = reference_stats(config, inception_variables, mesh=mesh, weights_sha256=weights_sha256)
+  # -- References, before any sampling. --------------------------------------------------------------------------
+  if weights:
+    inception_variables, weights_sha256 = fid.load_variables(weights), fid.sha256_of(weights)
+    reference = reference_stats(config, inception_variables, mesh=mesh, weights_sha256=weights_sha256)
+  if uses_offline_metrics(config, weights):
+    feature_net, real = offline_reference(config)
 
   # -- Samples, chunk by chunk. ----------------------------------------------------------------------------------
-  generate_fn = generate.make_generate_fn(config, model, betas, mesh)
+  generate_fn = generate.make_generate_fn(method.sample_fn, mesh)
   images, labels = draw_samples(config, workdir, generate_fn, params, samples_rng, mesh=mesh, step=step)
   n, h, w, c = images.shape
   samples_path = os.path.join(workdir, 'samples', f'eval_{n}x{h}x{w}x{c}_step{step}.npz')
   if jax.process_index() == 0:
     fid.save_npz(samples_path, {'arr_0': images, 'arr_1': labels})
 
-  # -- FID and IS. -----------------------------------------------------------------------------------------------
-  samples = fid.stats_of(fid.array_batches(images, evaluation.batch_size), inception_variables, mesh=mesh,
-                         batch_size=evaluation.batch_size, with_inception_score=True, source=samples_path,
-                         weights_sha256=weights_sha256)
-  metrics = {'fid': fid.frechet_distance(mu1=samples['mu'], sigma1=samples['sigma'], mu2=reference['mu'],
-                                         sigma2=reference['sigma']),
-             'is': samples['is_mean'], 'is_std': samples['is_std']}
+  # -- FID and IS; the offline metrics. --------------------------------------------------------------------------
+  metrics = {}
+  if weights:
+    samples = fid.stats_of(fid.array_batches(images, evaluation.batch_size), inception_variables, mesh=mesh,
+                           batch_size=evaluation.batch_size, with_inception_score=True, source=samples_path,
+                           weights_sha256=weights_sha256)
+    metrics.update(fid=fid.frechet_distance(mu1=samples['mu'], sigma1=samples['sigma'], mu2=reference['mu'],
+                                            sigma2=reference['sigma']),
+                   **{'is': samples['is_mean'], 'is_std': samples['is_std']})
+  if uses_offline_metrics(config, weights):
+    metrics.update(offline_metrics.score(images, labels if config.data.num_classes else None, net=feature_net,
+                                         real=real))
+    histogram = offline_metrics.class_histogram(feature_net.predict(images), feature_net.model.num_classes)
+    train.console('classes of the samples (the feature classifier\'s labels): '
+                  + ' '.join(f'{c}:{n}' for c, n in enumerate(histogram)))
 
   # -- NLL. ------------------------------------------------------------------------------------------------------
-  if measures_nll(config):
-    metrics['bpd'] = bits_per_dim(config, model, betas, params, mesh=mesh, rng=bpd_rng)
+  if measures_nll(config, method):
+    metrics['bpd'] = bits_per_dim(config, method.nll_fn, params, mesh=mesh, rng=bpd_rng)
+  elif method.nll_fn is None:
+    train.console(f'bits/dim skipped: the {config.method} method has no likelihood')
 
   log = train.MetricLog(workdir)
   log.write(step, metrics)
   log.close()
-  train.console(f'eval of step {step}, {n} samples ({config.sample.sampler}, {sampler_steps(config)}) against '
-                f'{evaluation.reference}: ' + '  '.join(f'{k} {v:.4f}' for k, v in metrics.items())
+  train.console(f'eval of step {step}, {n} samples ({method.sampler}): '
+                + '  '.join(f'{k} {v:.4f}' for k, v in metrics.items())
                 + f'\nsamples in {samples_path}, metrics in {os.path.join(workdir, "metrics.jsonl")}')
   return {'step': step, **metrics}
 
 
-def sampler_steps(config) -> str:
-  if config.sample.step_size is not None:
-    return f'step size {config.sample.step_size}'
-  return f'{config.sample.num_steps or config.diffusion.num_timesteps} steps'
+def inception_weights(config) -> str | None:
+  """The Inception weights file when eval.metrics asks for FID/IS: InceptionWeightsError when they are needed and
+  missing, None with a console note when eval.metrics='auto' and they cannot be had (the offline metrics then)."""
+  if config.eval.metrics == 'offline':
+    return None
+  try:
+    return fid.weights_path(config.eval.inception_weights)
+  except fid.InceptionWeightsError as error:
+    if config.eval.metrics != 'auto':
+      raise
+    train.console(f'FID/IS skipped, the offline metrics instead (eval.metrics=\'auto\'): {error}')
+    return None
+
+
+def uses_offline_metrics(config, weights: str | None) -> bool:
+  return config.eval.metrics in ('offline', 'both') or (config.eval.metrics == 'auto' and not weights)
+
+
+def offline_reference(config):
+  """(the feature classifier of data.dataset, trained once and cached in eval.cache_dir; its real reference)."""
+  data_config = config.data
+  kwargs = dict(data_dir=data_config.data_dir, image_size=data_config.image_size,
+                num_channels=data_config.num_channels)
+  net = offline_metrics.load_or_train(data_config.dataset, cache_dir=config.eval.cache_dir, seed=config.seed,
+                                      **kwargs)
+  train.console(f'offline metrics: a feature classifier of {data_config.dataset!r} (held-out accuracy '
+                f'{net.accuracy:.4f})')
+  return net, offline_metrics.real_reference(data_config.dataset, net=net, **kwargs)
 
 
 def on_every_process(flag: bool) -> bool:
@@ -218,23 +252,13 @@ def read_chunk(path: str, size: int):
 
 # -- NLL. ------------------------------------------------------------------------------------------------------
 
-def bits_per_dim(config, model, betas, params, *, mesh, rng) -> float:
-  """Mean −log p(x0) bound in bits/dim (diffusion.bits_per_dim, every timestep) over the first
-  `eval.bpd_examples` examples of the test split (validation when there is none); class-conditional models are
-  conditioned on the true class. Images are quantised to uint8 as the discretised decoder assumes. Batches of
-  nll_batch_size (the last one padded)."""
-  data_config, num_classes, examples = config.data, config.data.num_classes, config.eval.bpd_examples
-  schedule = schedules.make_schedule(betas)
+def bits_per_dim(config, nll_fn, params, *, mesh, rng) -> float:
+  """Mean of the method's −log p(x0) bound in bits/dim (Method.nll_fn) over the first `eval.bpd_examples`
+  examples of the test split (validation when there is none). Images are quantised to uint8 as the discretised
+  decoder assumes. Batches of nll_batch_size (the last one padded)."""
+  data_config, examples = config.data, config.eval.bpd_examples
   split = 'test' if 'test' in dataset_splits(config) else 'validation'
-
-  @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, PartitionSpec(parallel.AXIS)))
-  def bpd_fn(params, x0, labels, rng):
-    def model_fn(x_t, t, y):
-      return model.apply({'params': params}, x_t, t, y, train=False)
-
-    return diffusion.bits_per_dim(model_fn, schedule, x0=x0, rng=rng, labels=labels if num_classes else None,
-                                  prediction=config.diffusion.prediction, variance=config.diffusion.variance,
-                                  clip_x0=config.sample.clip_x0)['bpd']
+  bpd_fn = jax.jit(nll_fn, out_shardings=NamedSharding(mesh, PartitionSpec(parallel.AXIS)))
 
   batch_size = nll_batch_size(examples, max_batch=data_config.batch_size, devices=mesh.size)
   params = parallel.global_replicated(mesh, params)

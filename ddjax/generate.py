@@ -1,4 +1,4 @@
-"""Images from a trained network: the compiled sampling function, pixel conversion, PNG grids and ADM-style npz."""
+"""Images from a trained network: the compiled sampling function over all devices, pixel conversion, PNG grids."""
 import functools
 import os
 
@@ -10,35 +10,17 @@ from PIL import Image
 from ddjax import parallel, samplers
 
 
-def make_generate_fn(config, model, betas, mesh):
+def make_generate_fn(sample_fn, mesh):
   """jit(params, rng, indices [B], labels [B]) -> float32 samples [B, H, W, C] in model space, compiled once per
-  batch size.
+  batch size; `sample_fn(params, keys [B], labels [B])` is the method's sampler (methods.base.Method).
 
   Sample j is drawn from the key fold_in(rng, indices[j]) (its global index), so it does not depend on the
   batch size, the padding or the device count. The batch is split over every device of `mesh` (params
-  replicated and passed to the sampler as an argument). Honours every `config.sample` key; an unconditional
-  model ignores `labels`.
+  replicated and passed to the sampler as an argument).
   """
-  sample_config, diffusion_config = config.sample, config.diffusion
-  num_classes = config.data.num_classes or None
-  shape_hw = (config.data.image_size, config.data.image_size, config.data.num_channels)
-  # sample.step_size, when set, is used instead of sample.num_steps (a config default can't be unset from flags).
-  num_steps = None if sample_config.step_size is not None else sample_config.num_steps
-
-  def model_fn(params, x_t, t, y):  # built once: the compiled sampling loop is keyed on it
-    return model.apply({'params': params}, x_t, t, y, train=False)
-
-  sharded = NamedSharding(mesh, PartitionSpec(parallel.AXIS))
-
-  @functools.partial(jax.jit, out_shardings=sharded)
+  @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, PartitionSpec(parallel.AXIS)))
   def generate(params, rng, indices, labels):
-    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(indices)
-    return samplers.sample(
-        model_fn, betas, shape=(labels.shape[0],) + shape_hw, rng=keys, params=params,
-        sampler=sample_config.sampler, num_steps=num_steps, step_size=sample_config.step_size,
-        eta=sample_config.eta, ddim_scale=sample_config.ddim_scale, guidance=sample_config.guidance,
-        labels=labels if num_classes else None, num_classes=num_classes, prediction=diffusion_config.prediction,
-        variance=diffusion_config.variance, clip_x0=sample_config.clip_x0)
+    return sample_fn(params, jax.vmap(lambda i: jax.random.fold_in(rng, i))(indices), labels)
 
   return generate
 
@@ -99,10 +81,3 @@ def save_grid(path: str, images: np.ndarray, *, columns: int, scale: int = 1, pa
     picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   picture.save(path)
-
-
-def save_npz(path: str, images: np.ndarray, labels: np.ndarray) -> None:
-  """The ADM evaluation suite's format: arr_0 uint8 [N, H, W, C], arr_1 int labels [N]."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  np.savez(path, images, labels)
-

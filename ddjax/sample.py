@@ -1,36 +1,33 @@
-"""`--mode sample`: EMA params of a checkpoint -> samples/ PNG grid + ADM-style npz."""
+"""`--mode sample`: EMA params of a checkpoint -> samples/ PNG grid + ADM-style npz, for any method."""
 import os
 
 import jax
 
-from ddjax import checkpoint, config as config_lib, generate, parallel, schedules, train
-from ddjax.models import create_model
+from ddjax import checkpoint, config as config_lib, fid, generate, methods, parallel, train
 
 
-def load_ema_params(config, model, workdir: str, step: int | None = None):
+def load_ema_params(config, workdir: str, step: int | None = None):
   """(EMA params, step) of the checkpoint at `step` (newest when None); restored into an abstract template."""
   manager = checkpoint.create_manager(workdir, read_only=True)
-  state = checkpoint.restore(manager, train.abstract_train_state(config, model), step)
+  state = checkpoint.restore(manager, methods.abstract_state(config), step)
   return state.ema_params, int(state.step)
 
 
 def sample_and_save(config, workdir: str):
   config_lib.validate(config)
-  model = create_model(config)
-  betas = schedules.get_betas(config.diffusion.schedule, config.diffusion.num_timesteps)
-  params, step = load_ema_params(config, model, workdir, config.sample.checkpoint_step)
+  method = methods.build(config)
+  params, step = load_ema_params(config, workdir, config.sample.checkpoint_step)
   mesh = parallel.DataParallel.create(config.parallel.mode).mesh
-  generate_fn = generate.make_generate_fn(config, model, betas, mesh)
   images, labels = generate.generate_images(
-      generate_fn, params, jax.random.fold_in(jax.random.key(config.seed), step), mesh=mesh,
-      num_samples=config.sample.num_samples, batch_size=config.sample.batch_size,
-      num_classes=config.data.num_classes, class_label=config.sample.class_label)
+      generate.make_generate_fn(method.sample_fn, mesh), params,
+      jax.random.fold_in(jax.random.key(config.seed), step), mesh=mesh, num_samples=config.sample.num_samples,
+      batch_size=config.sample.batch_size, num_classes=config.data.num_classes, class_label=config.sample.class_label)
   n, h, w, c = images.shape
   if jax.process_index() != 0:  # every process sampled its share; one writes
     return images, labels
   stem = os.path.join(workdir, 'samples', f'samples_{n}x{h}x{w}x{c}_step{step}')
-  generate.save_npz(stem + '.npz', images, labels)
+  fid.save_npz(stem + '.npz', {'arr_0': images, 'arr_1': labels})  # the ADM evaluation suite's format
   generate.save_grid(stem + '.png', images[:min(n, 100)], columns=train.grid_columns(config),
                      scale=train.grid_scale(config))
-  print(f'{n} samples from step {step}: {stem}.npz, grid {stem}.png', flush=True)
+  print(f'{n} samples ({method.sampler}) from step {step}: {stem}.npz, grid {stem}.png', flush=True)
   return images, labels

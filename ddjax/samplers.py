@@ -131,8 +131,10 @@ def sample(model_fn, betas, *, shape, rng, sampler='ddim', num_steps=None, step_
       use_guidance=guidance > 0, use_params=params is not None)
 
 
-@functools.partial(jax.jit, static_argnames=('generator_fn', 'shape', 'nz'))
-def _ddgan_loop(schedule: Schedule, rng, labels, *, generator_fn, shape, nz):
+@functools.partial(jax.jit, static_argnames=('generator_fn', 'shape', 'nz', 'use_params'))
+def _ddgan_loop(schedule: Schedule, params, rng, labels, *, generator_fn, shape, nz, use_params):
+  if use_params:
+    generator_fn = functools.partial(generator_fn, params)
   keys = per_example_keys(rng, shape[0])
   x_init = _noise(keys, schedule.num_steps, shape[1:])
 
@@ -149,12 +151,15 @@ def _ddgan_loop(schedule: Schedule, rng, labels, *, generator_fn, shape, nz):
   return x0
 
 
-def sample_ddgan(generator_fn, betas, *, shape, rng, nz, labels=None):
+def sample_ddgan(generator_fn, betas, *, shape, rng, nz, labels=None, params=None):
   """DDGAN sampling: x_T ~ N(0, I); for t = T−1..0: x̂0 = G(x_t, t, z), z ~ N(0, I_nz), x_{t−1} ~ q(x_{t−1}|x_t, x̂0).
 
-  generator_fn(x_t, t, z, labels) -> x̂0; `betas` the T (1–4) transition betas, e.g. get_betas('vp', T).
+  generator_fn(x_t, t, z, labels) -> x̂0, or generator_fn(params, x_t, t, z, labels) when `params` is given (the
+  weights an argument of the compiled loop, as in `sample`); `betas` the T (1–8) transition betas, e.g.
+  get_betas('vp', T); `rng` one key or [B] keys, one per example. Exactly T generator calls.
   """
   check(1 <= len(betas) <= 8, 'num_timesteps', len(betas), 'a DDGAN chain of 1..8 steps')
   check(len(shape) == 4, 'shape', shape, '(batch, height, width, channels)')
   check(nz >= 1, 'nz', nz, '>= 1')
-  return _ddgan_loop(make_schedule(betas), rng, labels, generator_fn=generator_fn, shape=tuple(shape), nz=nz)
+  return _ddgan_loop(make_schedule(betas), params, rng, labels, generator_fn=generator_fn, shape=tuple(shape),
+                     nz=nz, use_params=params is not None)

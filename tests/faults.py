@@ -8,6 +8,8 @@ FAULT is one of
   kill_in_save     SIGKILL while the checkpoint at STEP is being committed (a crash during a save)
   disk_full        committing the checkpoint at STEP fails with ENOSPC (a full disk)
   nan_batch        the batch of STEP is all NaN (a loss that becomes non-finite)
+  sigterm_at_step  SIGTERM to itself when the batch of STEP is read (a preemption notice; the run stops at the
+                   step it is at, a step or two before STEP)
 
 The faults patch what ddjax calls (its checkpoint.save, its data pipeline) or orbax's commit of a save, so
 everything else is the real program.
@@ -61,6 +63,16 @@ def inject(fault: str, at_step: int):
         yield dict(batch, image=np.full_like(batch['image'], np.nan)) if step == at_step else batch
 
     data.create_dataset = with_nan_batch
+  elif fault == 'sigterm_at_step':
+    create_dataset = data.create_dataset
+
+    def preempting_dataset(config, *, start_step=0, **kwargs):
+      for step, batch in enumerate(create_dataset(config, start_step=start_step, **kwargs), start_step + 1):
+        if step == at_step:
+          os.kill(os.getpid(), signal.SIGTERM)
+        yield batch
+
+    data.create_dataset = preempting_dataset
   else:
     raise ValueError(f'unknown fault {fault!r}')
 

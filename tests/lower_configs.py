@@ -12,21 +12,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ddjax import config as config_lib, parallel, schedules, train
-from ddjax.models import create_model
+from ddjax import config as config_lib, methods, parallel
 
 
 def lower_train_step(config):
   """(the lowered train step of `config` over every device, the abstract state)."""
   config_lib.validate(config)
-  model = create_model(config)
-  schedule = schedules.make_schedule(schedules.get_betas(config.diffusion.schedule, config.diffusion.num_timesteps))
+  method = methods.build(config)
   mapper = parallel.DataParallel.create(config.parallel.mode)
-  step_fn = mapper.map(train.bind_train_step(config, model, train.make_optimizer(config.train), schedule))
+  step_fn = mapper.map(method.train_step)
   replicated = NamedSharding(mapper.mesh, PartitionSpec())
   sharded = NamedSharding(mapper.mesh, PartitionSpec(parallel.AXIS))
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                       train.abstract_train_state(config, model))
+                       jax.eval_shape(method.initial_state))
   data, batch_size = config.data, config.data.batch_size
   batch = {'image': jax.ShapeDtypeStruct((batch_size, data.image_size, data.image_size, data.num_channels),
                                          jnp.float32, sharding=sharded),

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from ddjax import checkpoint, evaluate, fid, generate, parallel, train
-from ddjax.models import create_model
+from ddjax import checkpoint, evaluate, fid, generate, methods, parallel, train
 from ddjax.validation import ConfigError
 from tests.test_fid import FEATURE_BATCH, OFFLINE, fake_inception, random_state_dict, save_torch
 from tests.tiny import run_main, tiny_config
@@ -30,7 +29,7 @@ def trained(data_dir, tmp_path_factory):
   (compiling a train step would cost more than the rest of this file)."""
   workdir = str(tmp_path_factory.mktemp('run'))
   config = tiny_config(data_dir)
-  state = train.create_train_state(config, create_model(config), train.make_optimizer(config.train))
+  state = methods.build(config).initial_state()
   manager = checkpoint.create_manager(workdir)
   checkpoint.save(manager, 4, state.replace(step=jnp.int32(4)))
   checkpoint.wait(manager)

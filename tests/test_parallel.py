@@ -20,6 +20,7 @@ import pytest
 from jax._src.interpreters import pxla
 
 from ddjax import data, parallel, schedules, train
+from ddjax.methods import diffusion as diffusion_method
 from ddjax.models import create_model
 from ddjax.validation import ConfigError
 from tests.tiny import logged, restore_state, run_main, run_processes, tiny_config
@@ -122,7 +123,7 @@ def test_checkpoint_moves_from_one_device_to_eight(reference, data_dir):
 
 def _step_fn(config, model, tx, schedule, *, accum=1):
   return functools.partial(
-      train.train_step, model=model, tx=tx, schedule=schedule, prediction='eps', variance='learned_range',
+      diffusion_method.train_step, model=model, tx=tx, schedule=schedule, prediction='eps', variance='learned_range',
       loss='hybrid', hybrid_lambda=0.001, num_classes=config.data.num_classes, p_uncond=0.2,
       ema_decay=0.999, grad_accum_steps=accum)
 
@@ -131,8 +132,8 @@ def _step_fn(config, model, tx, schedule, *, accum=1):
 def setup(data_dir):
   config = tiny_config(data_dir)
   model = create_model(config)
-  tx = train.make_optimizer(config.train)
-  state = train.create_train_state(config, model, tx)
+  tx = diffusion_method.make_optimizer(config.train)
+  state = diffusion_method.create_train_state(config, model, tx)
   schedule = schedules.make_schedule(schedules.get_betas('cosine', 50))
   batches = data.create_dataset(config)
   return config, model, tx, state, schedule, [next(batches) for _ in range(3)]

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from ddjax import checkpoint, config as config_lib, sample, train
-from ddjax.models import create_model
+from ddjax import checkpoint, config as config_lib, methods, sample, train
+from ddjax.methods import diffusion as diffusion_method
 from ddjax.validation import ConfigError
 from tests.tiny import REPO, tiny_config
 
@@ -47,8 +47,7 @@ def test_train_writes_metrics_checkpoints_samples(trained):
 def test_checkpoint_restores_same_params(trained, data_dir):
   workdir, first, _ = trained
   config = tiny_config(data_dir)
-  model = create_model(config)
-  template = train.create_train_state(config, model, train.make_optimizer(config.train))
+  template = methods.build(config).initial_state()
   manager = checkpoint.create_manager(workdir, read_only=True)
   restored = checkpoint.restore(manager, template, step=4)
   for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(first)):
@@ -137,14 +136,14 @@ def test_workdir_keeps_its_config_and_resume_refuses_structure_or_data_order_cha
   assert not os.path.exists(os.path.join(workdir, 'checkpoints.corrupt'))
   # Changes that leave the state and the data order alone are reported, not refused.
   safe = tiny_config(data_dir, **{'train.num_steps': 8, 'sample.guidance': 2.0, 'train.learning_rate': 5e-4})
-  lines = train.check_resume_config(safe, saved, lambda c: train.abstract_train_state(c, create_model(c)))
+  lines = train.check_resume_config(safe, saved, methods.abstract_state)
   assert lines == ['sample.guidance: 1.0 -> 2.0', 'train.learning_rate: 0.001 -> 0.0005', 'train.num_steps: 4 -> 8']
 
 
 def test_storage_errors_are_retried_and_never_move_a_checkpoint(trained, data_dir, monkeypatch):
   workdir, _, resumed = trained
   config = tiny_config(data_dir)
-  template = train.abstract_train_state(config, create_model(config))
+  template = methods.abstract_state(config)
   manager = checkpoint.create_manager(workdir, read_only=True)
   real_restore, failures = manager.restore, []
 
@@ -172,10 +171,10 @@ def test_first_update_moves_and_the_logged_rate_is_the_one_used():
   config = tiny_config(None)
   for warmup, rates in ((0, [1e-3, 1e-3]), (4, [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])):
     config.train.warmup_steps = warmup
-    schedule = train.learning_rate_schedule(config.train)
+    schedule = diffusion_method.learning_rate_schedule(config.train)
     np.testing.assert_allclose([float(schedule(n)) for n in range(len(rates))], rates, rtol=1e-6)
   config.train.update(warmup_steps=0, grad_clip=0.0)
-  tx = train.make_optimizer(config.train)
+  tx = diffusion_method.make_optimizer(config.train)
   params = {'w': jnp.ones(3)}
   updates, _ = tx.update({'w': jnp.array([1.0, -2.0, 0.5])}, tx.init(params), params)
   np.testing.assert_allclose(updates['w'], [-1e-3, 1e-3, -1e-3], rtol=1e-4)  # Adam's first step: ±lr

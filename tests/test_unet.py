@@ -122,13 +122,50 @@ def test_helpers():
                           r"atn, chnAtn \(unknown block 'foo'\)"),
     ('num_levels', 0, r'model\.num_levels=0'),
     ('num_heads', 3, r'model\.num_heads=3 .* divisor of model\.ch=16'),
-    ('name', 'ncsnpp', r"model\.name='ncsnpp' is invalid; allowed: 'unet'"),
+    ('name', 'foo', r"model\.name='foo' is invalid; allowed: 'unet', 'ncsnpp'"),
+    ('ch_mult', -1, r'model\.ch_mult=-1'),
 ])
 def test_bad_model_config_raises(key, value, match):
   config = tiny_config()
   config.model[key] = value
   with pytest.raises(ValueError, match=match):
     models.create_model(config)
+
+
+def param_shapes(config):
+  model = models.create_model(config)
+  x = jax.ShapeDtypeStruct((2, 8, 8, 1), jnp.float32)
+  t = jax.ShapeDtypeStruct((2,), jnp.int32)
+  return jax.tree.map(lambda p: p.shape, jax.eval_shape(model.init, jax.random.key(0), x, t, t)['params'])
+
+
+def tuple_config(ch_mult):
+  config = tiny_config(num_levels=3, blocks='res,clsAtn')
+  del config.model['ch_mult']  # an int in digits.py
+  config.model.ch_mult = ch_mult
+  return config
+
+
+def test_per_level_ch_mult():
+  """A tuple ch_mult sets each level's width to ch·ch_mult[level] (DDPM's (1, 2, 2, 2) convention); the seed's
+  doubling ch_mult=1 is the tuple (1, 2, 4), parameter for parameter."""
+  assert param_shapes(tuple_config((1, 2, 4))) == param_shapes(tiny_config(num_levels=3, blocks='res,clsAtn'))
+  shapes = param_shapes(tuple_config((2, 3, 3)))
+  assert shapes['Conv_0']['kernel'] == (3, 3, 1, 32)  # the stem maps to level 0's width ch·2
+  assert shapes['Conv_1']['kernel'] == (3, 3, 32, 48)  # downsampling into level 1: 16·3
+  assert shapes['Conv_2']['kernel'] == (3, 3, 48, 48)  # level 2 as wide as level 1
+  assert shapes['mid_0_res']['Conv_0']['kernel'] == (3, 3, 48, 48)
+  assert count(jax.tree.map(np.zeros, shapes, is_leaf=lambda s: isinstance(s, tuple))) == 426_386  # pinned
+
+
+@pytest.mark.parametrize('ch_mult, match', [
+    ((1, 2), r'model\.ch_mult=\(1, 2\) is invalid; allowed: an int >= 0 .* or a tuple of model\.num_levels=3 '
+             r'ints >= 1'),
+    ((1, 0, 2), r'model\.ch_mult=\(1, 0, 2\)'),
+])
+def test_bad_per_level_ch_mult_raises(ch_mult, match):
+  with pytest.raises(ValueError, match=match):
+    models.create_model(tuple_config(ch_mult))
 
 
 def test_image_size_not_divisible_raises():

@@ -4,9 +4,8 @@ import os
 import subprocess
 import sys
 
-from configs import digits as digits_config
-from ddjax import checkpoint, train
-from ddjax.models import create_model
+from configs import digits as digits_config, digits_ddgan as digits_ddgan_config
+from ddjax import checkpoint, methods
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,11 +18,29 @@ TINY = {
 }
 
 
+# DDGAN on 8×8 digits: T=4, a 2-level NCSN++ of width 16, global batch 32 (4 per device on 8 fake devices, one
+# minibatch-stddev group each), R1 every 2 steps so that both branches of the discriminator step run.
+TINY_DDGAN = {
+    'data.batch_size': 32, 'model.ch': 16, 'model.ch_mult': (1, 2), 'model.num_res_blocks': 1, 'gan.nz': 8,
+    'gan.z_emb_dim': 16, 'gan.n_mlp': 1, 'gan.d_ch': 8, 'gan.lazy_reg': 2, 'train.num_steps': 4,
+    'train.log_every': 2, 'train.checkpoint_every': 2, 'train.sample_every': 4, 'sample.num_samples': 16,
+    'sample.batch_size': 16,
+}
+
+
 def tiny_config(data_dir=None, **overrides):
   """The digits config with TINY and then `overrides` ({'section.key': value}) applied."""
-  config = digits_config.get_config()
+  return _configured(digits_config.get_config(), data_dir, {**TINY, **overrides})
+
+
+def tiny_ddgan_config(data_dir=None, **overrides):
+  """The digits_ddgan config with TINY_DDGAN and then `overrides` applied."""
+  return _configured(digits_ddgan_config.get_config(), data_dir, {**TINY_DDGAN, **overrides})
+
+
+def _configured(config, data_dir, settings):
   config.data.data_dir = data_dir
-  for key, value in {**TINY, **overrides}.items():
+  for key, value in settings.items():
     section, name = key.split('.')
     config[section][name] = value
   return config
@@ -61,5 +78,5 @@ def logged(workdir, key='loss'):
 
 def restore_state(workdir, config, step=None):
   """The TrainState saved in <workdir> at `step` (newest when None)."""
-  template = train.abstract_train_state(config, create_model(config))
+  template = methods.abstract_state(config)
   return checkpoint.restore(checkpoint.create_manager(workdir, read_only=True), template, step)

@@ -3,7 +3,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ddjax.diffusion import output_channels
-from ddjax.models import unet
+from ddjax.models import discriminator, ncsnpp, unet
 from ddjax.validation import check, check_choice, fail
 
 PRECISIONS = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -18,12 +18,22 @@ def parse_blocks(blocks: str) -> tuple[str, ...]:
   return tokens
 
 
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _validate_unet(config) -> None:
   """Checks in terms of config keys, so a bad config fails here and not as a tracing error."""
   model, image_size = config.model, config.data.image_size
   blocks = parse_blocks(model.blocks)
   for key in ('ch', 'num_levels', 'num_heads', 'attn_resolution'):
     check(model[key] >= 1, f'model.{key}', model[key], 'an integer >= 1')
+  # A tuple must restate model.num_levels rather than define it, so no key is silently ignored.
+  mult = model.ch_mult
+  check((_is_int(mult) and mult >= 0) or (isinstance(mult, (tuple, list)) and len(mult) == model.num_levels
+                                          and all(_is_int(m) and m >= 1 for m in mult)),
+        'model.ch_mult', mult, f'an int >= 0 (widths ch*2**(ch_mult*level)) or a tuple of '
+        f'model.num_levels={model.num_levels} ints >= 1 (widths ch*ch_mult[level])')
   factor = 2 ** (model.num_levels - 1)
   check(image_size % factor == 0, 'data.image_size', image_size,
         f'a multiple of 2**(model.num_levels-1) = {factor} with model.num_levels={model.num_levels}')
@@ -36,7 +46,7 @@ def _create_unet(config, dtype) -> nn.Module:
   model = config.model
   return unet.UNet(
       ch=model.ch,
-      ch_mult=model.ch_mult,
+      ch_mult=model.ch_mult if _is_int(model.ch_mult) else tuple(model.ch_mult),
       num_levels=model.num_levels,
       blocks=parse_blocks(model.blocks),
       attn_resolution=model.attn_resolution,
@@ -51,8 +61,42 @@ def _create_unet(config, dtype) -> nn.Module:
   )
 
 
+def _validate_ncsnpp(config) -> None:
+  model, image_size = config.model, config.data.image_size
+  check(len(model.ch_mult) >= 1 and all(isinstance(m, int) and m >= 1 for m in model.ch_mult), 'model.ch_mult',
+        model.ch_mult, 'a non-empty tuple of ints >= 1 (the width of each level as a multiple of model.ch)')
+  check(ncsnpp.num_resolutions_ok(image_size, model.ch_mult), 'data.image_size', image_size,
+        f'a multiple of 2**(len(model.ch_mult)-1) = {2 ** (len(model.ch_mult) - 1)}, which '
+        f'model.ch_mult={tuple(model.ch_mult)} halves')
+  for key in ('ch', 'num_res_blocks'):
+    check(model[key] >= 1, f'model.{key}', model[key], 'an integer >= 1')
+  check(all(isinstance(r, int) and r >= 1 for r in model.attn_resolutions), 'model.attn_resolutions',
+        model.attn_resolutions, 'a tuple of feature-map widths (ints >= 1)')
+  gan = config.gan
+  fits = discriminator.check_fits(gan.discriminator, image_size)
+  check(fits is None, 'gan.discriminator', gan.discriminator, fits)
+
+
+def _create_ncsnpp(config, dtype) -> nn.Module:
+  model, gan = config.model, config.gan
+  return ncsnpp.NCSNpp(
+      nf=model.ch,
+      ch_mult=tuple(model.ch_mult),
+      num_res_blocks=model.num_res_blocks,
+      attn_resolutions=tuple(model.attn_resolutions),
+      dropout=model.dropout,
+      num_channels=config.data.num_channels,
+      nz=gan.nz,
+      z_emb_dim=gan.z_emb_dim,
+      n_mlp=gan.n_mlp,
+      not_use_tanh=model.not_use_tanh,
+      num_classes=config.data.num_classes,
+      dtype=dtype,
+  )
+
+
 # model.name -> (validate(config), build(config, dtype))
-MODELS = {'unet': (_validate_unet, _create_unet)}
+MODELS = {'unet': (_validate_unet, _create_unet), 'ncsnpp': (_validate_ncsnpp, _create_ncsnpp)}
 
 
 def validate_model(config) -> None:
@@ -66,3 +110,11 @@ def create_model(config) -> nn.Module:
   """The network for `config`; params are float32, compute in `config.parallel.precision`."""
   validate_model(config)
   return MODELS[config.model.name][1](config, PRECISIONS[config.parallel.precision])
+
+
+def create_discriminator(config) -> nn.Module:
+  """DDGAN's time-conditioned discriminator `gan.discriminator` ('small' up to 64 px, 'large' for 256 px)."""
+  validate_model(config)
+  gan = config.gan
+  return discriminator.VARIANTS[gan.discriminator](ngf=gan.d_ch, num_classes=config.data.num_classes,
+                                                   dtype=PRECISIONS[config.parallel.precision])

@@ -140,7 +140,7 @@ class UNet(nn.Module):
   storing them. Parameter names are the same either way, so checkpoints load across the setting.
   """
   ch: int
-  ch_mult: int
+  ch_mult: int | tuple[int, ...]
   num_levels: int
   blocks: tuple[str, ...]
   attn_resolution: int
@@ -154,7 +154,11 @@ class UNet(nn.Module):
   remat: bool = False
 
   def width(self, level: int) -> int:
-    return self.ch * 2 ** (self.ch_mult * level)
+    """ch·2^(ch_mult·level) for an int ch_mult (the seed's doubling), ch·ch_mult[level] for a per-level tuple
+    (DDPM / IDDPM)."""
+    if isinstance(self.ch_mult, int):
+      return self.ch * 2 ** (self.ch_mult * level)
+    return self.ch * self.ch_mult[level]
 
   def apply_blocks(self, x, t_emb, c_emb, train, where: str):
     options = {
@@ -178,7 +182,7 @@ class UNet(nn.Module):
     if self.num_classes:
       c_emb = nn.Embed(self.num_classes + 1, self.c_dim, dtype=self.dtype)(labels)
 
-    x = nn.Conv(self.ch, (3, 3), dtype=self.dtype)(x_t.astype(self.dtype))
+    x = nn.Conv(self.width(0), (3, 3), dtype=self.dtype)(x_t.astype(self.dtype))
     skips = []
     for level in range(self.num_levels):
       x = self.apply_blocks(x, t_emb, c_emb, train, f'down{level}')

@@ -1,0 +1,70 @@
+"""What every training method shares and supplies: the one TrainState, the `Method` interface the loop uses, and
+the EMA and per-example randomness both methods' steps are built from."""
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from ddjax import parallel
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a checkpoint holds. The data position is `step` (the pipeline resumes from it).
+
+  `params` and `opt_state` are a method's whole trainable state (for DDGAN dicts over 'generator' and
+  'discriminator'); `ema_params` is the average of the network the sampler uses.
+  """
+  step: jnp.ndarray      # int32 number of updates done
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  rng: jnp.ndarray       # uint32 key data (raw, so orbax stores it like any array)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """What a method supplies to the one loop (train.py), to `--mode sample` and to `--mode eval`; built from a
+  config by `ddjax.methods.build`. The loop never asks which method it runs."""
+  initial_state: Callable[[], TrainState]  # the initial state in fresh buffers, as one compiled program
+  train_step: Callable                     # (state, batch, *, axis_name) -> (state, metrics): pure, one device
+  sample_fn: Callable                      # (params, keys [B], labels [B]) -> float32 [B, H, W, C], model space
+  watched_metrics: tuple[str, ...]         # what the NaN guard checks before every log and save
+  console_metrics: tuple[str, ...]         # what the console line shows
+  learning_rates: Callable[[int], dict]    # {metric name: the rate update n (0-based) used}
+  sampler: str                             # the sampler, in words, for logs
+  parameter_counts: Callable[[Any], dict]  # params -> {network name: its parameter count}
+  nll_fn: Callable | None = None           # (params, x0, labels, rng) -> bits/dim [B]; None: no likelihood
+
+
+def ema_decay_at(step, ema_decay: float):
+  """EMA warm-up: min(decay, (1 + step) / (10 + step)), so early averages are not dominated by the init."""
+  return jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+
+
+def ema_update(ema_params, params, *, step, ema_decay: float):
+  """EMA ← d·EMA + (1 − d)·params with d = ema_decay_at(step)."""
+  decay = ema_decay_at(step, ema_decay)
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+
+
+def example_keys(state: TrainState, local_batch: int, axis_name):
+  """(a key per example of this device's shard, a key for this device) from (state rng, step): example keys are
+  folded from the GLOBAL example index, so what an example draws does not depend on how the batch is split over
+  devices; the device key (for dropout) does."""
+  step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  example_root, device_root = jax.random.split(step_key)
+  first_example = parallel.device_index(axis_name) * local_batch
+  keys = jax.vmap(lambda i: jax.random.fold_in(example_root, i))(first_example + jnp.arange(local_batch))
+  return keys, jax.random.fold_in(device_root, parallel.device_index(axis_name))
+
+
+def cross_device_mean(axis_name):
+  """pmean over the data axis, or the identity outside a mapped function."""
+  return (lambda x: jax.lax.pmean(x, axis_name)) if axis_name else (lambda x: x)
+
+
+def count_params(tree) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(tree)))

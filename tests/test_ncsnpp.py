@@ -1,0 +1,215 @@
+"""DDGAN networks: the paper's configs build with the reference's exact parameter counts; a tiny generator and
+discriminator run and condition on z and t; FIR resampling and minibatch-stddev against closed forms."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddjax.models import discriminator, ncsnpp
+
+# Reference counts: sum(p.numel() for p in model.parameters()) of NVlabs/denoising-diffusion-gan at commit
+# 6818ded6443e10ab69c7864745457ce391d4d883 (torch 2.13.0 CPU, score_sde/op stubbed to its native CPU path; no
+# op runs to count), built with train_ddgan.py's argument defaults plus the readme's training commands:
+#   NCSNpp(args): cifar10 --num_channels_dae 128 --ch_mult 1 2 2 2 --n_mlp 4 --nz 100 --z_emb_dim 256;
+#     celeba_256 and lsun --image_size 256 --num_channels_dae 64 --ch_mult 1 1 2 2 4 4 --z_emb_dim 256 (n_mlp
+#     default 3, nz default 100: the two 256-px generators are the same network). The CIFAR-10 network built
+#     with --image_size 64 has the same count (attention at 16 px lands on a level of the same width).
+#   Discriminator_small / Discriminator_large(nc=2*3, ngf=64, t_emb_dim=256), as train_ddgan.py builds them.
+REF_G_CIFAR10 = 48_432_515
+REF_G_256 = 39_726_979
+REF_D_SMALL = 12_741_633
+REF_D_LARGE = 27_737_217
+
+CIFAR10 = dict(nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), nz=100, z_emb_dim=256,
+               n_mlp=4)
+G256 = dict(nf=64, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,), nz=100, z_emb_dim=256,
+            n_mlp=3)
+TINY = dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_channels=1, nz=8, z_emb_dim=16,
+            n_mlp=2)
+
+
+def count(tree):
+  return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def spec(*shape, dtype=jnp.float32):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def generator_shapes(model, size, channels, batch=2, labels=None):
+  """(params, output) as shapes only: nothing runs."""
+  x, t, z = spec(batch, size, size, channels), spec(batch, dtype=jnp.int32), spec(batch, model.nz)
+  params = jax.eval_shape(lambda k, *a: model.init(k, *a, train=False), jax.random.key(0), x, t, z, labels)
+  out = jax.eval_shape(lambda p, *a: model.apply(p, *a, train=False), params, x, t, z, labels)
+  return params, out
+
+
+def discriminator_shapes(model, size, channels, batch=4):
+  x, t = spec(batch, size, size, channels), spec(batch, dtype=jnp.int32)
+  params = jax.eval_shape(lambda k, x, t: model.init(k, x, t, x, train=False), jax.random.key(0), x, t)
+  out = jax.eval_shape(lambda p, x, t: model.apply(p, x, t, x, train=False), params, x, t)
+  return params, out
+
+
+@pytest.mark.parametrize('name, g_kwargs, size, variant, ref_g, ref_d', [
+    ('cifar10', CIFAR10, 32, 'small', REF_G_CIFAR10, REF_D_SMALL),
+    ('cifar10-net@64px', CIFAR10, 64, 'small', REF_G_CIFAR10, REF_D_SMALL),
+    ('celebahq256', G256, 256, 'large', REF_G_256, REF_D_LARGE),
+    ('lsun_church256', G256, 256, 'large', REF_G_256, REF_D_LARGE),
+])
+def test_paper_configs_match_reference(name, g_kwargs, size, variant, ref_g, ref_d):
+  assert ncsnpp.num_resolutions_ok(size, g_kwargs['ch_mult']) and discriminator.check_fits(variant, size) is None
+  g_params, x0 = generator_shapes(ncsnpp.NCSNpp(**g_kwargs), size, 3)
+  assert x0.shape == (2, size, size, 3) and x0.dtype == jnp.float32
+  d_params, logits = discriminator_shapes(discriminator.VARIANTS[variant](), size, 3)
+  assert logits.shape == (4,) and logits.dtype == jnp.float32
+  print(f'\n{name}: G {count(g_params):,} (reference {ref_g:,}), D {variant} {count(d_params):,} '
+        f'(reference {ref_d:,})')
+  assert count(g_params) == ref_g and count(d_params) == ref_d
+
+
+def test_class_embedding_and_bf16_shapes():
+  """num_classes adds Embed(num_classes, nz) and nz more input rows to the first mapping layer; bf16 compute
+  keeps float32 params and output."""
+  plain, _ = generator_shapes(ncsnpp.NCSNpp(**TINY), 8, 1)
+  labels = spec(2, dtype=jnp.int32)
+  conditional, out = generator_shapes(ncsnpp.NCSNpp(**TINY, num_classes=10, dtype=jnp.bfloat16), 8, 1,
+                                      labels=labels)
+  assert count(conditional) - count(plain) == 10 * 8 + 8 * 16
+  assert out.dtype == jnp.float32 and all(p.dtype == jnp.float32 for p in jax.tree.leaves(conditional))
+  with pytest.raises(ValueError, match='labels must be None'):
+    generator_shapes(ncsnpp.NCSNpp(**TINY), 8, 1, labels=labels)
+  # Without the input pyramid (one FIR+3x3 conv of 1 -> 16 channels) and without time conditioning (2 dense
+  # layers nf -> 4nf -> 4nf, and one 4nf -> C dense in each of the 10 residual blocks).
+  bare, out = generator_shapes(ncsnpp.NCSNpp(**TINY, progressive_input='none', conditional=False), 8, 1)
+  per_block = sum(64 * c + c for c in (16, 16, 32, 32, 32, 32, 32, 32, 16, 16))  # each block's out_ch
+  assert count(plain) - count(bare) == (9 * 16 + 16) + (16 * 64 + 64 + 64 * 64 + 64) + per_block
+  assert out.shape == (2, 8, 8, 1)
+
+
+def jitter(params, scale=0.1):
+  """Near-zero residual and output convs make a fresh net nearly constant: perturb every param."""
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda p: p + scale * rng.standard_normal(p.shape, np.float32), params)
+
+
+def test_tiny_generator_runs_and_conditions():
+  model = ncsnpp.NCSNpp(**TINY)  # 208,561 params, as the reference with the same arguments
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+  t = jnp.array([0, 3], jnp.int32)
+  z = jax.random.normal(jax.random.key(2), (2, 8))
+  # The 'unsafe_rbg' key only makes the CPU compile of init faster (2x over 'rbg', more over threefry).
+  fresh = jax.jit(lambda k: model.init(k, x, t, z, train=False))(jax.random.key(0, impl='unsafe_rbg'))
+  assert count(fresh) == 208_561
+  apply = jax.jit(lambda p, x, t, z: model.apply(p, x, t, z, train=False))
+  # The reference's output conv starts at init scale 1e-10 (weights ~1e-6), so a fresh generator outputs ~0.
+  assert np.abs(apply(fresh, x, t, z)).max() < 1e-3
+  params = jitter(fresh)
+  out = np.asarray(apply(params, x, t, z))
+  assert out.shape == (2, 8, 8, 1) and out.dtype == np.float32
+  assert np.isfinite(out).all() and np.abs(out).max() <= 1 and np.abs(out).std() > 1e-2
+  assert np.abs(apply(params, x, t, -z) - out).max() > 1e-2, 'z must change x̂0 (AdaGN)'
+  assert np.abs(apply(params, x, t[::-1], z) - out).max() > 1e-2, 't must change x̂0'
+
+
+def test_tiny_discriminator_runs_on_8px_and_conditions():
+  model = discriminator.SmallDiscriminator(ngf=8, t_emb_dim=16)
+  x_prev, x_t = jax.random.normal(jax.random.key(1), (2, 4, 8, 8, 1))
+  t = jnp.array([0, 1, 2, 3], jnp.int32)
+  params = jax.jit(lambda k: model.init(k, x_prev, t, x_t, train=False))(jax.random.key(0, impl='unsafe_rbg'))
+  apply = jax.jit(lambda p, x_prev, t, x_t: model.apply(p, x_prev, t, x_t, train=False))
+  params = jitter(params)
+  logits = np.asarray(apply(params, x_prev, t, x_t))
+  assert logits.shape == (4,) and logits.dtype == np.float32 and np.isfinite(logits).all()
+  assert np.abs(apply(params, x_prev, t[::-1], x_t) - logits).max() > 1e-3, 't must change the logits'
+  assert np.abs(apply(params, x_t, t, x_t) - logits).max() > 1e-3, 'x_prev must change the logits'
+
+
+def test_class_conditional_discriminator_projects_the_label():
+  """num_classes adds only Embed(num_classes, 8·ngf), whose row for the label is dotted with the pooled
+  features; labels must be given exactly when num_classes > 0."""
+  x, t, labels = spec(4, 8, 8, 1), spec(4, dtype=jnp.int32), spec(4, dtype=jnp.int32)
+  plain, _ = discriminator_shapes(discriminator.SmallDiscriminator(ngf=8), 8, 1)
+  model = discriminator.SmallDiscriminator(ngf=8, num_classes=10)
+  params = jax.eval_shape(lambda k, *a: model.init(k, *a, train=False), jax.random.key(0), x, t, x, labels)
+  assert count(params) - count(plain) == 10 * 64
+  assert jax.eval_shape(lambda p, *a: model.apply(p, *a, train=False), params, x, t, x, labels).shape == (4,)
+  with pytest.raises(ValueError, match='labels must be None'):
+    discriminator_shapes(model, 8, 1)
+
+
+def test_fits():
+  assert discriminator.check_fits('small', 8) is None and discriminator.check_fits('small', 64) is None
+  assert 'multiple of 8' in discriminator.check_fits('small', 4)
+  assert discriminator.check_fits('large', 256) is None
+  assert 'multiple of 64' in discriminator.check_fits('large', 32)
+  assert 'small, large' in discriminator.check_fits('medium', 32)
+  assert ncsnpp.num_resolutions_ok(8, (1, 2, 2, 2)) and ncsnpp.num_resolutions_ok(256, G256['ch_mult'])
+  assert not ncsnpp.num_resolutions_ok(12, (1, 2, 2, 2)) and not ncsnpp.num_resolutions_ok(16, G256['ch_mult'])
+
+
+# ---- FIR resampling ----
+
+TAPS = np.array([1., 3., 3., 1.])
+
+
+def test_fir_keeps_constants_in_the_interior():
+  x = jnp.full((1, 8, 8, 2), 0.7)
+  np.testing.assert_allclose(ncsnpp.fir_downsample(x)[:, 1:-1, 1:-1], 0.7, rtol=1e-6)
+  np.testing.assert_allclose(ncsnpp.fir_upsample(x)[:, 1:-1, 1:-1], 0.7, rtol=1e-6)
+
+
+def test_fir_downsample_closed_form():
+  """y[i,j] = Σ_ab f_a f_b x̃[2i+a, 2j+b] / 64, f = (1,3,3,1), x̃ = x zero-padded by 1."""
+  x = np.random.default_rng(0).standard_normal((2, 6, 6, 3)).astype(np.float32)
+  padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  want = np.zeros((2, 3, 3, 3), np.float32)
+  for i in range(3):
+    for j in range(3):
+      window = padded[:, 2 * i:2 * i + 4, 2 * j:2 * j + 4]
+      want[:, i, j] = np.einsum('a,b,nabc->nc', TAPS, TAPS, window) / 64
+  np.testing.assert_allclose(ncsnpp.fir_downsample(jnp.asarray(x)), want, atol=1e-6)
+
+
+def test_fir_upsample_closed_form():
+  """Per axis: y[2m] = (x[m-1] + 3·x[m]) / 4, y[2m+1] = (3·x[m] + x[m+1]) / 4, x zero outside."""
+  def up1d(x, axis):
+    x = np.moveaxis(x, axis, 0)
+    padded = np.pad(x, [(1, 1)] + [(0, 0)] * (x.ndim - 1))
+    even = (padded[:-2] + 3 * padded[1:-1]) / 4
+    odd = (3 * padded[1:-1] + padded[2:]) / 4
+    return np.moveaxis(np.stack([even, odd], axis=1).reshape(2 * len(x), *x.shape[1:]), 0, axis)
+
+  x = np.random.default_rng(1).standard_normal((2, 4, 5, 3)).astype(np.float32)
+  np.testing.assert_allclose(ncsnpp.fir_upsample(jnp.asarray(x)), up1d(up1d(x, 1), 2), atol=1e-6)
+
+
+# ---- minibatch standard deviation ----
+
+def stddev_feature(x, group):
+  """numpy: s_b = mean_{hwc} √(Var over b's group of G consecutive examples + 1e-8), in float64."""
+  x = x.astype(np.float64)
+  return np.array([np.sqrt(x[i // group * group:(i // group + 1) * group].var(axis=0) + 1e-8).mean()
+                   for i in range(x.shape[0])])
+
+
+@pytest.mark.parametrize('batch, group', [(8, 4), (2, 2), (4, 4), (1, 1)])
+def test_minibatch_stddev(batch, group):
+  x = np.random.default_rng(batch).standard_normal((batch, 3, 3, 5)).astype(np.float32)
+  out = np.asarray(discriminator.minibatch_stddev(jnp.asarray(x)))
+  assert out.shape == (batch, 3, 3, 6)
+  np.testing.assert_array_equal(out[..., :5], x)
+  feature = stddev_feature(x, group)
+  np.testing.assert_allclose(out[..., 5], np.broadcast_to(feature[:, None, None], (batch, 3, 3)), rtol=1e-5)
+
+
+def test_minibatch_stddev_of_identical_examples_is_the_eps_floor():
+  x = jnp.tile(jax.random.normal(jax.random.key(0), (1, 2, 2, 3)), (4, 1, 1, 1))
+  np.testing.assert_allclose(discriminator.minibatch_stddev(x)[..., 3], np.sqrt(1e-8), rtol=1e-6)
+
+
+def test_minibatch_stddev_batch_must_fill_groups():
+  assert discriminator.check_batch(2) is None and discriminator.check_batch(8) is None
+  assert 'multiple of 4' in discriminator.check_batch(6)
+  with pytest.raises(ValueError, match='batch 6'):
+    discriminator.minibatch_stddev(jnp.zeros((6, 2, 2, 1)))

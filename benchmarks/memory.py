@@ -37,7 +37,7 @@ def compile_train_step(config, per_device: int):
   """(parameter count, the compiled train step) for `config` at `per_device` images."""
   method = methods.build(config)
   step = functools.partial(method.train_step, axis_name=None)
-  state = jax.eval_shape(method.initial_state)
+  state = method.abstract_state()
   size, channels = config.data.image_size, config.data.num_channels
   batch = {'image': jax.ShapeDtypeStruct((per_device, size, size, channels), jnp.float32),
            'label': jax.ShapeDtypeStruct((per_device,), jnp.int32)}

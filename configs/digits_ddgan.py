@@ -28,22 +28,22 @@ def get_config():
   gan.use_geometric = False  # the VP discretisation
   gan.beta_min = 0.1
   gan.beta_max = 20.0
-  gan.nz = 32
+  gan.nz = 16
   gan.z_emb_dim = 64
   gan.n_mlp = 2
   gan.discriminator = 'small'
-  gan.d_ch = 32  # the discriminator's ngf
+  gan.d_ch = 8  # the discriminator's ngf
   gan.r1_gamma = 0.05
   gan.lazy_reg = 15
   gan.lr_g = 5e-4
   gan.lr_d = 4e-4
   gan.beta1 = 0.5
   gan.beta2 = 0.9
-  gan.lr_decay_steps = 4000  # the cosine to 1e-5 over this many updates (0 = constant): train.num_steps here
+  gan.lr_decay_steps = 3000  # the cosine to 1e-5 over this many updates (0 = constant): train.num_steps here
 
   config.model = model = ml_collections.ConfigDict()
   model.name = 'ncsnpp'
-  model.ch = 32  # nf
+  model.ch = 16  # nf
   model.ch_mult = (1, 2)
   model.num_res_blocks = 1
   model.attn_resolutions = ()
@@ -52,10 +52,10 @@ def get_config():
   model.remat = False
 
   config.train = train = ml_collections.ConfigDict()
-  train.num_steps = 4000
+  train.num_steps = 3000
   train.grad_accum_steps = 1
   train.ema_decay = 0.999
-  train.log_every = 200
+  train.log_every = 250
   train.checkpoint_every = 1000
   train.sample_every = 1000
   train.keep_checkpoints = 3

@@ -13,7 +13,7 @@ python=${PYTHON:-python3}
 port=${DDJAX_PORT:-$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 pids=()
 for ((i = 0; i < num_processes; i++)); do
-  XLA_FLAGS="--xla_force_host_platform_device_count=$devices" JAX_PLATFORMS=cpu \
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices" JAX_PLATFORMS=cpu \
     DDJAX_COORDINATOR_ADDRESS="127.0.0.1:$port" DDJAX_NUM_PROCESSES="$num_processes" DDJAX_PROCESS_ID="$i" \
     "$python" -m ddjax.main "$@" &
   pids+=($!)

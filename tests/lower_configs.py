@@ -24,7 +24,7 @@ def lower_train_step(config):
   replicated = NamedSharding(mapper.mesh, PartitionSpec())
   sharded = NamedSharding(mapper.mesh, PartitionSpec(parallel.AXIS))
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                       jax.eval_shape(method.initial_state))
+                       method.abstract_state())
   data, batch_size = config.data, config.data.batch_size
   batch = {'image': jax.ShapeDtypeStruct((batch_size, data.image_size, data.image_size, data.num_channels),
                                          jnp.float32, sharding=sharded),

@@ -9,7 +9,7 @@ import pytest
 
 from ddjax import config as config_lib
 from ddjax.validation import ConfigError
-from tests.tiny import REPO, tiny_config
+from tests.tiny import REPO, tiny_config, xla_flags
 
 MISSING = object()
 
@@ -115,7 +115,7 @@ def test_shipped_configs_lower_a_train_step_on_8_devices_at_their_real_shapes():
   with the real global batch split over the devices."""
   result = subprocess.run([sys.executable, '-m', 'tests.lower_configs', *SHIPPED], cwd=REPO, capture_output=True,
                           text=True, timeout=600,
-                          env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8'))
+                          env=dict(os.environ, XLA_FLAGS=xla_flags(8)))
   assert result.returncode == 0, result.stderr[-3000:]
   lowered = [json.loads(line) for line in result.stdout.splitlines()]
   assert [record['config'] for record in lowered] == SHIPPED

@@ -11,7 +11,7 @@ import pytest
 
 from ddjax import distributed
 from ddjax.validation import ConfigError
-from tests.tiny import REPO, run_main
+from tests.tiny import REPO, run_main, xla_flags
 
 # What each process reports after ddjax.distributed.initialize, as ddjax.main calls it; jax_cuda_visible_devices
 # is the GPU list JAX would open ('all' when unrestricted).
@@ -48,7 +48,7 @@ def slurm_task(job_id: int, procid: int) -> dict:
   return dict(inherited, SLURM_JOB_ID=str(job_id), SLURM_NTASKS='2', SLURM_PROCID=str(procid), SLURM_LOCALID='0',
               SLURM_NODELIST='127.0.0.1', SLURM_STEP_NODELIST='127.0.0.1', SLURM_NNODES='2',
               SLURM_JOB_NUM_NODES='2', SLURM_STEP_NUM_NODES='2', SLURM_GPUS_ON_NODE='2', SLURM_STEP_GPUS='0,1',
-              CUDA_VISIBLE_DEVICES='0,1', JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
+              CUDA_VISIBLE_DEVICES='0,1', JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags(2))
 
 
 def test_two_slurm_tasks_see_every_device_of_both():

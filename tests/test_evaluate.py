@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from ddjax import checkpoint, evaluate, fid, generate, methods, parallel, train
+from ddjax import checkpoint, evaluate, fid, generate, methods, parallel
 from ddjax.validation import ConfigError
 from tests.test_fid import FEATURE_BATCH, OFFLINE, fake_inception, random_state_dict, save_torch
 from tests.tiny import run_main, tiny_config

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from jax._src.interpreters import pxla
 
-from ddjax import data, parallel, schedules, train
+from ddjax import data, methods, parallel, schedules, train
 from ddjax.methods import diffusion as diffusion_method
 from ddjax.models import create_model
 from ddjax.validation import ConfigError
@@ -133,7 +133,7 @@ def setup(data_dir):
   config = tiny_config(data_dir)
   model = create_model(config)
   tx = diffusion_method.make_optimizer(config.train)
-  state = diffusion_method.create_train_state(config, model, tx)
+  state = methods.build(config).initial_state()
   schedule = schedules.make_schedule(schedules.get_betas('cosine', 50))
   batches = data.create_dataset(config)
   return config, model, tx, state, schedule, [next(batches) for _ in range(3)]

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from ddjax import checkpoint
-from tests.tiny import REPO, TINY, logged, restore_state, tiny_config
+from tests.tiny import REPO, TINY, logged, restore_state, tiny_config, xla_flags
 
 STEPS = 40
 RUN = {'train.num_steps': STEPS, 'train.log_every': 1, 'train.checkpoint_every': 10, 'train.sample_every': 0,
@@ -31,7 +31,7 @@ TMP = '.orbax-checkpoint-tmp'
 def cli(tmp_path_factory):
   """cli(workdir, *args, fault=(name, step), popen=False, **overrides): the tiny config through the real CLI."""
   data_dir = str(tmp_path_factory.mktemp('tfds'))
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
 
   def run(workdir, *args, fault=(), popen=False, **overrides):
     program = ['-m', 'tests.faults', *map(str, fault)] if fault else ['-m', 'ddjax.main']

@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 from ddjax import checkpoint, config as config_lib, methods, sample, train
 from ddjax.methods import diffusion as diffusion_method
 from ddjax.validation import ConfigError
-from tests.tiny import REPO, tiny_config
+from tests.tiny import REPO, tiny_config, xla_flags
 
 
 @pytest.fixture(scope='module')
@@ -105,7 +105,7 @@ def run_cli(args, env_extra=None):
 
 def test_cli_batch_not_divisible_by_devices_exits_2(tmp_path):
   result = run_cli(['--workdir', str(tmp_path), '--config.data.batch_size=12'],
-                   {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+                   {'XLA_FLAGS': xla_flags(8)})
   assert result.returncode == 2
   message = [line for line in result.stderr.splitlines() if line.startswith('ddjax:')]
   assert message == ['ddjax: invalid config: data.batch_size=12 is invalid; allowed: a multiple of the global '

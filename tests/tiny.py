@@ -54,9 +54,15 @@ def main_args(workdir, data_dir=None, **overrides):
   return ['--config', 'configs/digits.py', '--workdir', str(workdir), *flags]
 
 
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a subprocess with `devices` fake CPU devices: the session's flags (tests/conftest.py) and the
+  device count."""
+  return f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count={devices}'.strip()
+
+
 def run_main(workdir, data_dir=None, *, devices=1, extra_args=(), env=None, timeout=300, **overrides):
   """`python -m ddjax.main` on the tiny config with `devices` fake CPU devices; returns the CompletedProcess."""
-  environment = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', **(env or {}))
+  environment = dict(os.environ, XLA_FLAGS=xla_flags(devices), **(env or {}))
   return subprocess.run([sys.executable, '-m', 'ddjax.main', *main_args(workdir, data_dir, **overrides),
                          *extra_args], cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout)
 

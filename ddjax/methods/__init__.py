@@ -4,8 +4,6 @@ A method is a module with `validate(config, device_count)` (its own config keys,
 `build(config) -> base.Method` (its state, pure train step, sampler and metrics, see base.Method). The loop in
 train.py, `--mode sample` and `--mode eval` only ever see a Method.
 """
-import jax
-
 from ddjax.methods import ddgan, diffusion
 from ddjax.methods.base import Method, TrainState
 from ddjax.validation import check_choice
@@ -25,4 +23,4 @@ def build(config) -> Method:
 
 def abstract_state(config) -> TrainState:
   """The TrainState's shapes and dtypes, computed without initialising anything: a restore template."""
-  return jax.eval_shape(build(config).initial_state)
+  return build(config).abstract_state()

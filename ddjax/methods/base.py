@@ -28,7 +28,7 @@ class TrainState(flax.struct.PyTreeNode):
 class Method:
   """What a method supplies to the one loop (train.py), to `--mode sample` and to `--mode eval`; built from a
   config by `ddjax.methods.build`. The loop never asks which method it runs."""
-  initial_state: Callable[[], TrainState]  # the initial state in fresh buffers, as one compiled program
+  init_state: Callable[[], TrainState]     # builds the initial state (pure: run by initial_state, compiled)
   train_step: Callable                     # (state, batch, *, axis_name) -> (state, metrics): pure, one device
   sample_fn: Callable                      # (params, keys [B], labels [B]) -> float32 [B, H, W, C], model space
   watched_metrics: tuple[str, ...]         # what the NaN guard checks before every log and save
@@ -36,7 +36,23 @@ class Method:
   learning_rates: Callable[[int], dict]    # {metric name: the rate update n (0-based) used}
   sampler: str                             # the sampler, in words, for logs
   parameter_counts: Callable[[Any], dict]  # params -> {network name: its parameter count}
+  network_fn: Callable                     # (params, x_t, labels, rng) -> one call of the sampled network
+  network_evals: int                       # network calls per sample (a guided step is one batched call)
   nll_fn: Callable | None = None           # (params, x0, labels, rng) -> bits/dim [B]; None: no likelihood
+
+  def initial_state(self) -> TrainState:
+    """The initial state, computed as one compiled program (run op by op, a network's init compiles hundreds of
+    small programs) built with XLA's backend optimisations off: it runs once, and LLVM optimising a network's
+    hundred random initialisers costs ~30 s of a CPU start-up against ~4 s. Every leaf is its own buffer (the
+    EMA too): the step donates the state, and one buffer cannot be donated twice."""
+    return jax.jit(self.init_state).lower().compile(compiler_options=INIT_COMPILER_OPTIONS)()
+
+  def abstract_state(self) -> TrainState:
+    """The TrainState's shapes and dtypes, computed without initialising anything: a restore template."""
+    return jax.eval_shape(self.init_state)
+
+
+INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
 
 
 def ema_decay_at(step, ema_decay: float):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from ddjax import diffusion, samplers, schedules
-from ddjax.methods.base import (Method, TrainState, count_params, cross_device_mean, ema_update, example_keys)
+from ddjax.methods.base import Method, TrainState, count_params, cross_device_mean, ema_update, example_keys
 from ddjax.models import create_model
 from ddjax.validation import check, check_choice, check_types
 
@@ -100,16 +100,14 @@ def init_params(config, model, rng):
                     train=False)['params']
 
 
-def create_train_state(config, model, tx) -> TrainState:
-  """The initial state, computed as one compiled program (run op by op, a U-Net's init compiles hundreds of
-  small programs: ~20 s of a CPU start-up). Every leaf is its own buffer, the EMA too: the step donates the
-  state, and one buffer cannot be donated twice."""
-  def initial_state():
+def init_state_fn(config, model, tx):
+  """() -> the initial TrainState (pure; Method.initial_state compiles and runs it)."""
+  def init_state():
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
     params = init_params(config, model, init_rng)
     return TrainState(step=jnp.int32(0), params=params, ema_params=params, opt_state=tx.init(params),
                       rng=jax.random.key_data(train_rng))
-  return jax.jit(initial_state)()
+  return init_state
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -214,6 +212,19 @@ def make_sample_fn(config, model, betas):
   return sample_fn
 
 
+def sampling_timesteps(config):
+  """The respaced timesteps the sampler visits (sample.step_size, when set, wins over sample.num_steps)."""
+  sample = config.sample
+  num_steps = None if sample.step_size is not None else sample.num_steps
+  return schedules.spaced_timesteps(config.diffusion.num_timesteps, num_steps=num_steps, step_size=sample.step_size)
+
+
+def network_at_random_steps(model, num_timesteps, params, x_t, labels, rng):
+  """The network once on x_t at random timesteps (benchmarks time this against the sampler)."""
+  t = jax.random.randint(rng, (x_t.shape[0],), 0, num_timesteps)
+  return model.apply({'params': params}, x_t, t, labels, train=False)
+
+
 def describe_sampler(config) -> str:
   sample = config.sample
   steps = (f'step size {sample.step_size}' if sample.step_size is not None
@@ -243,7 +254,7 @@ def build(config) -> Method:
   tx = make_optimizer(config.train)
   learning_rate = learning_rate_schedule(config.train)
   return Method(
-      initial_state=lambda: create_train_state(config, model, tx),
+      init_state=init_state_fn(config, model, tx),
       train_step=bind_train_step(config, model, tx, schedule),
       sample_fn=make_sample_fn(config, model, betas),
       watched_metrics=('loss', 'grad_norm', 'param_norm'),
@@ -251,4 +262,6 @@ def build(config) -> Method:
       learning_rates=lambda n: {'learning_rate': float(learning_rate(n))},
       sampler=describe_sampler(config),
       parameter_counts=lambda params: {config.model.name: count_params(params)},
+      network_fn=functools.partial(network_at_random_steps, model, config.diffusion.num_timesteps),
+      network_evals=len(sampling_timesteps(config)),
       nll_fn=make_nll_fn(config, model, schedule))

@@ -1,0 +1,240 @@
+"""Throughput of the real compiled programs: the train step over every device, the sampler, the FID network.
+
+  python -m ddjax.benchmark --config configs/<cfg>.py --what train|sample|fid [--config.<key>=<value> ...]
+
+Progress goes to stderr; the last stdout line is one JSON object: `what`, `images_per_sec`, `ms_per_step` (the
+median of `--steps` timed steps after `--warmup` untimed ones, each ended with block_until_ready), `compile_s`
+(the first call less a timed step: trace + compile), `param_count`, `peak_host_memory_bytes` (maxrss),
+`peak_device_memory_bytes` (null where the backend keeps no statistics, as XLA:CPU), `device_kind`,
+`device_count`, `batch_size` (global), and
+
+- train: `flops_per_step` (XLA's cost analysis of the compiled step) and `data_wait_fraction` (time in
+  next(batches) / step time, over the real input pipeline, or `--data=synthetic` batches of the same shapes);
+- sample: `ms_per_network_eval` (one jitted forward of the sampled network at the same batch) and
+  `overhead_ratio` = sampler time / (N × that), N the network evaluations of one sample;
+- fid: the FID Inception network (random weights) on uint8 images of the config's size at eval.batch_size.
+
+A timed step that compiles is an error: the figures would time XLA, not the program.
+"""
+import dataclasses
+import json
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from jax._src.interpreters import pxla
+from ml_collections import config_flags
+
+from ddjax import config as config_lib, data, fid, generate, methods, parallel
+from ddjax.methods.base import count_params
+from ddjax.models import inception
+from ddjax.validation import ConfigError
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command line's flags; defined only when run as a program (ddjax.main owns --config in-process)."""
+  config_flags.DEFINE_config_file('config', None, 'Config file (ml_collections); override keys with '
+                                  '--config.<key>=v.', lock_config=True)
+  flags.DEFINE_enum('what', 'train', ['train', 'sample', 'fid'], 'The program to time.')
+  flags.DEFINE_integer('steps', 10, 'Timed steps (>= 10 for the reported median).')
+  flags.DEFINE_integer('warmup', 2, 'Untimed steps after the first (compiling) one.')
+  flags.DEFINE_enum('data', 'real', ['real', 'synthetic'],
+                    'train input: the real pipeline (ddjax.data) or random batches of its shapes (an unprepared '
+                    'dataset such as cifar10 on a machine without it).')
+  flags.mark_flags_as_required(['config'])
+
+
+def log(message: str) -> None:
+  print(f'[benchmark] {message}', file=sys.stderr, flush=True)
+
+
+def compilations() -> int:
+  """XLA compilations so far: the misses of JAX's executable cache (jit, pmap and shard_map all go through it)."""
+  return pxla._cached_compilation.cache_info().misses
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Timings:
+  first_s: float             # the first call: trace, compile, run
+  step_s: tuple[float, ...]  # each timed step, input wait included
+  wait_s: tuple[float, ...]  # of which waiting for the input
+
+  @property
+  def median_s(self) -> float:
+    return statistics.median(self.step_s)
+
+  @property
+  def compile_s(self) -> float:
+    return max(self.first_s - self.median_s, 0.0)
+
+  @property
+  def wait_fraction(self) -> float:
+    return sum(self.wait_s) / sum(self.step_s)
+
+
+def time_steps(next_input, run, *, warmup: int, steps: int) -> Timings:
+  """Calls run(next_input()) 1 + warmup + steps times, each blocked until its outputs are ready; times the last
+  `steps`. RuntimeError if any call after the first compiles."""
+
+  def one_step():
+    start = time.perf_counter()
+    inputs = next_input()
+    waited = time.perf_counter() - start
+    jax.block_until_ready(run(inputs))
+    return time.perf_counter() - start, waited
+
+  first_s, _ = one_step()
+  compiled = compilations()
+  for _ in range(warmup):
+    one_step()
+  step_s, wait_s = zip(*(one_step() for _ in range(steps)))
+  if compilations() != compiled:
+    raise RuntimeError(f'{compilations() - compiled} compilation(s) after the first step: the step recompiles')
+  return Timings(first_s, step_s, wait_s)
+
+
+def common_fields(what: str, timings: Timings, *, batch_size: int, param_count: int) -> dict:
+  devices = jax.local_devices()
+  peaks = [(device.memory_stats() or {}).get('peak_bytes_in_use') for device in devices]
+  return {
+      'what': what,
+      'images_per_sec': batch_size / timings.median_s,
+      'ms_per_step': 1e3 * timings.median_s,
+      'compile_s': timings.compile_s,
+      'param_count': param_count,
+      'peak_host_memory_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+      'peak_device_memory_bytes': None if None in peaks else max(peaks),
+      'device_kind': devices[0].device_kind,
+      'device_count': jax.device_count(),
+      'batch_size': batch_size,
+  }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train: the method's step over every device, as train.py runs it
+# ----------------------------------------------------------------------------------------------------------------
+
+def synthetic_batches(config):
+  """Random batches of this host's share of the global batch, in the pipeline's format, forever."""
+  data_config, rng = config.data, np.random.default_rng(0)
+  size, channels = data_config.image_size, data_config.num_channels
+  shape = (data_config.batch_size // jax.process_count(), size, size, channels)
+  while True:
+    yield {'image': rng.uniform(-1, 1, shape).astype(np.float32),
+           'label': rng.integers(0, max(data_config.num_classes, 1), shape[:1]).astype(np.int32)}
+
+
+def flops_of(step_fn, state, batch) -> float | None:
+  """XLA's FLOP estimate of the compiled step (the executable cache makes this compile a lookup)."""
+  analysis = step_fn.lower(state, batch).compile().cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  return analysis.get('flops') if analysis else None
+
+
+def train(config, *, warmup: int, steps: int, synthetic: bool) -> dict:
+  method = methods.build(config)
+  mapper = parallel.DataParallel.create(config.parallel.mode)
+  log('initial state')
+  state = method.initial_state()
+  param_count = count_params(state.params)
+  source = synthetic_batches(config) if synthetic else data.create_dataset(config)
+  batches = parallel.prefetch(source, mapper.shard_batch)
+  step_fn = mapper.map(method.train_step)
+  holder = {'state': mapper.replicate(state)}
+  del state  # the step donates its state: keep only the newest
+
+  def run(batch):
+    holder['state'], metrics = step_fn(holder['state'], batch)
+    return metrics
+
+  log(f'train: 1 + {warmup} + {steps} steps of global batch {config.data.batch_size}')
+  timings = time_steps(lambda: next(batches), run, warmup=warmup, steps=steps)
+  return {**common_fields('train', timings, batch_size=config.data.batch_size, param_count=param_count),
+          'flops_per_step': flops_of(step_fn, holder['state'], next(batches)),
+          'data_wait_fraction': timings.wait_fraction}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sample: the method's sampler, and one bare network evaluation at the same batch
+# ----------------------------------------------------------------------------------------------------------------
+
+def sample(config, *, warmup: int, steps: int) -> dict:
+  method = methods.build(config)
+  mesh = parallel.DataParallel.create(config.parallel.mode).mesh
+  log('initial state')
+  params = parallel.global_replicated(mesh, method.initial_state().ema_params)
+  batch = generate.padded_batch_size(config.sample.batch_size, mesh.size)
+  indices = parallel.global_sharded(mesh, np.arange(batch, dtype=np.int32))
+  labels = parallel.global_sharded(mesh, np.arange(batch, dtype=np.int32) % max(config.data.num_classes, 1))
+  generate_fn = generate.make_generate_fn(method.sample_fn, mesh)
+  rng = jax.random.key(0)
+  log(f'sample ({method.sampler}): 1 + {warmup} + {steps} batches of {batch}')
+  sampler = time_steps(lambda: (params, rng, indices, labels), lambda a: generate_fn(*a), warmup=warmup,
+                       steps=steps)
+
+  size, channels = config.data.image_size, config.data.num_channels
+  x = parallel.global_sharded(mesh, np.random.default_rng(0).standard_normal((batch, size, size, channels),
+                                                                              dtype=np.float32))
+  conditional = bool(config.data.num_classes)
+  forward = jax.jit(lambda p, x, y: method.network_fn(p, x, y if conditional else None, jax.random.key(1)))
+  log(f'bare forward at batch {batch}')
+  one_eval = time_steps(lambda: (params, x, labels), lambda a: forward(*a), warmup=warmup, steps=steps)
+  return {**common_fields('sample', sampler, batch_size=batch, param_count=count_params(params)),
+          'ms_per_network_eval': 1e3 * one_eval.median_s,
+          'overhead_ratio': sampler.median_s / (method.network_evals * one_eval.median_s)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fid: the FID Inception network's feature throughput
+# ----------------------------------------------------------------------------------------------------------------
+
+def fid_features(config, *, warmup: int, steps: int) -> dict:
+  mesh = parallel.DataParallel.create(config.parallel.mode).mesh
+  batch = generate.padded_batch_size(config.eval.batch_size, mesh.size)
+  size, channels = config.data.image_size, config.data.num_channels
+  images = np.random.default_rng(0).integers(0, 256, (batch, size, size, channels), dtype=np.uint8)
+  log('random Inception weights')
+  variables = jax.jit(inception.InceptionV3().init)(jax.random.key(0), images[:1])
+  feature_fn = fid.make_feature_fn(mesh)
+  variables = parallel.global_replicated(mesh, variables)
+  placed = parallel.global_sharded(mesh, images)
+  log(f'fid: 1 + {warmup} + {steps} batches of {batch} {size}x{size} images')
+  timings = time_steps(lambda: placed, lambda x: feature_fn(variables, x), warmup=warmup, steps=steps)
+  return common_fields('fid', timings, batch_size=batch, param_count=count_params(variables.get('params', {})))
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # TFDS logs every dataset it opens at INFO
+  config = FLAGS.config
+  try:
+    config_lib.validate(config)
+  except ConfigError as error:
+    print(f'invalid config: {error}', file=sys.stderr)
+    sys.exit(2)
+  if FLAGS.steps < 1 or FLAGS.warmup < 0:
+    print(f'invalid flags: --steps={FLAGS.steps} must be >= 1, --warmup={FLAGS.warmup} >= 0', file=sys.stderr)
+    sys.exit(2)
+  options = dict(warmup=FLAGS.warmup, steps=FLAGS.steps)
+  if FLAGS.what == 'train':
+    result = train(config, synthetic=FLAGS.data == 'synthetic', **options)
+  elif FLAGS.what == 'sample':
+    result = sample(config, **options)
+  else:
+    result = fid_features(config, **options)
+  print(json.dumps(result), flush=True)
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

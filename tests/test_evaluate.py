@@ -82,7 +82,8 @@ def test_eval_reference_is_checked_first(trained, data_dir, eval_files, referenc
 def test_missing_weights_is_one_line_and_exit_1(trained, data_dir, tmp_path):
   home = tmp_path / 'home'
   home.mkdir()
-  result = run_main(trained, data_dir, extra_args=['--mode', 'eval'], env={'HOME': str(home), **OFFLINE},
+  result = run_main(trained, data_dir, extra_args=['--mode', 'eval', '--config.eval.metrics=inception'],
+                    env={'HOME': str(home), **OFFLINE},
                     timeout=120)
   assert result.returncode == 1, result.stderr
   # The last line, and the only one of ddjax (TensorFlow may log its start-up before it).

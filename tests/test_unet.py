@@ -203,7 +203,8 @@ def test_remat_same_params_outputs_and_grads_and_less_memory(tiny):
       compiler_options={'xla_disable_hlo_passes': 'cse_barrier_expander'}) for m in (plain, remat)]
   ((_, out_plain), grads_plain), ((_, out_remat), grads_remat) = (c(*arguments) for c in compiled)
   assert np.abs(out_plain).max() > 0.1  # jittered params: a non-trivial output, with dropout masks applied
-  np.testing.assert_allclose(out_remat, out_plain, rtol=1e-6, atol=1e-6)
+  # Two programs (remat recomputes inside its own fusions): the same numbers to float32 rounding.
+  np.testing.assert_allclose(out_remat, out_plain, rtol=1e-5, atol=1e-5)
   for g_remat, g_plain in zip(jax.tree.leaves(grads_remat), jax.tree.leaves(grads_plain)):
     np.testing.assert_allclose(g_remat, g_plain, rtol=1e-5, atol=1e-6)
   temp = [c.memory_analysis().temp_size_in_bytes for c in compiled]

@@ -57,6 +57,12 @@ def per_example_keys(rng, batch: int):
   return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(batch))
 
 
+def _traced(value) -> bool:
+  """A JAX value traced by an enclosing jit: known only when the program runs, so it cannot be checked (or decide
+  the program's structure) here."""
+  return isinstance(value, jax.core.Tracer)
+
+
 @functools.partial(jax.jit, static_argnames=('model_fn', 'shape', 'sampler', 'prediction', 'variance', 'clip_x0',
                                              'num_classes', 'use_ddim_scale', 'use_guidance', 'use_params'))
 def _sample_loop(schedule: Schedule, params, rng, labels, eta, ddim_scale, guidance, *, model_fn, shape, sampler,
@@ -110,25 +116,28 @@ def sample(model_fn, betas, *, shape, rng, sampler='ddim', num_steps=None, step_
   √(s·Σ)·z when `ddim_scale` s is given. guidance w > 0 is classifier-free guidance (needs labels and
   num_classes); it combines the mean channels only and keeps the conditional variance. `rng` is one key,
   or [B] keys, one per example. model_fn must be hashable and stable across calls for the compiled loop to be
-  reused (a module-level function, or one built once).
+  reused (a module-level function, or one built once). `eta`, `guidance` and `ddim_scale` may be JAX scalars
+  traced by an enclosing jit (`--mode sweep` passes them as arguments, so one compiled program serves every value);
+  their values are then the caller's to check, and a traced guidance always builds the guided program.
   """
   check_choice('sampler', sampler, SAMPLERS)
   diffusion.validate(prediction=prediction, variance=variance)
   check(len(shape) == 4, 'shape', shape, '(batch, height, width, channels)')
-  check(eta >= 0, 'eta', eta, '>= 0')
-  check(ddim_scale is None or ddim_scale >= 0, 'ddim_scale', ddim_scale, 'None or >= 0')
+  check(_traced(eta) or eta >= 0, 'eta', eta, '>= 0')
+  check(ddim_scale is None or _traced(ddim_scale) or ddim_scale >= 0, 'ddim_scale', ddim_scale, 'None or >= 0')
   check(ddim_scale is None or sampler == 'ddim', 'ddim_scale', ddim_scale, "None unless sampler='ddim'")
-  check(guidance >= 0, 'guidance', guidance, '>= 0')
-  check(guidance == 0 or (labels is not None and num_classes), 'guidance', guidance,
+  check(_traced(guidance) or guidance >= 0, 'guidance', guidance, '>= 0')
+  use_guidance = _traced(guidance) or guidance > 0
+  check(not use_guidance or (labels is not None and num_classes), 'guidance', guidance,
         '0 unless labels and num_classes are given (classifier-free guidance needs a class-conditional model)')
   check(labels is None or np.shape(labels) == (shape[0],), 'labels', f'shape {np.shape(labels)}',
         f'None or shape ({shape[0]},)')
   schedule = spaced_schedule(np.asarray(betas, np.float64), num_steps=num_steps, step_size=step_size)
   return _sample_loop(
-      schedule, params, rng, labels, jnp.float32(eta), jnp.float32(ddim_scale or 0.0), jnp.float32(guidance),
-      model_fn=model_fn, shape=tuple(shape), sampler=sampler, prediction=prediction, variance=variance,
-      clip_x0=bool(clip_x0), num_classes=num_classes, use_ddim_scale=ddim_scale is not None,
-      use_guidance=guidance > 0, use_params=params is not None)
+      schedule, params, rng, labels, jnp.float32(eta), jnp.float32(0.0 if ddim_scale is None else ddim_scale),
+      jnp.float32(guidance), model_fn=model_fn, shape=tuple(shape), sampler=sampler, prediction=prediction,
+      variance=variance, clip_x0=bool(clip_x0), num_classes=num_classes, use_ddim_scale=ddim_scale is not None,
+      use_guidance=use_guidance, use_params=params is not None)
 
 
 @functools.partial(jax.jit, static_argnames=('generator_fn', 'shape', 'nz', 'use_params'))

@@ -51,5 +51,6 @@ def get_config(*, blocks, ch=128):
   config.sample.sampler = 'ddim'
   config.sample.step_size = 10  # the seed's best speed/quality trade-off: 100 of the 1000 steps
 
+  config.sweep.update(step_size='10', guidance='0,1,3', num_samples=10_000)  # the seed's stride next to N steps
   config.eval.num_samples = 50_000  # FID-50k
   return config

@@ -28,5 +28,6 @@ def get_config():
                       p_uncond=0.0, log_every=500, checkpoint_every=10_000, sample_every=25_000)
   config.sample.update(sampler='ddpm', guidance=0.0, num_samples=64, batch_size=64)
   config.sample.num_steps = 1000  # ancestral sampling over all T steps, as the paper
+  config.sweep.update(sampler='ddpm,ddim', guidance='0', num_samples=10_000)  # unconditional: no guidance
   config.eval.num_samples = 50_000
   return config

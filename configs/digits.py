@@ -71,6 +71,16 @@ def get_config():
   sample.clip_x0 = True
   sample.checkpoint_step = config_dict.placeholder(int)
 
+  # --mode sweep: every sampler × steps × guidance × (η, then ddim_scale) cell, as comma lists (config.sweep_grid).
+  config.sweep = sweep = ml_collections.ConfigDict()
+  sweep.sampler = 'ddim'  # 'ddim', 'ddpm' or both
+  sweep.num_steps = '5,10,20,50,100,250,1000'
+  sweep.step_size = ''  # the seed's strides, e.g. '10,20': cells besides those of num_steps
+  sweep.eta = '0,0.5,1'
+  sweep.ddim_scale = ''  # the seed's s, e.g. '0,0.5,1': cells besides those of eta (DDIM only)
+  sweep.guidance = '1'
+  sweep.num_samples = 1000  # per cell, the same seeds and labels in every cell
+
   config.parallel = parallel = ml_collections.ConfigDict()
   parallel.mode = 'shard_map'
   parallel.precision = 'float32'

@@ -7,10 +7,11 @@ import importlib.util
 import pathlib
 
 import jax
+import numpy as np
 
-from ddjax import methods, parallel
+from ddjax import methods, parallel, samplers, schedules
 from ddjax.models import validate_model
-from ddjax.validation import check, check_choice, check_types
+from ddjax.validation import check, check_choice, check_types, fail
 
 # The type of every generic key, checked first so that a wrong type is one line here, not a TypeError in a
 # comparison below: {what the message says is allowed: (Python types, keys)}. A method checks its own keys' types
@@ -33,9 +34,10 @@ _TYPES = {
 }
 
 
-def validate(config, *, device_count: int | None = None):
+def validate(config, *, device_count: int | None = None, mode: str = 'train'):
   """Every key of `config`, for `device_count` devices (default: those this program sees): the generic keys
-  here, then the method's (methods.validate) and the model's."""
+  here, then the method's (methods.validate) and the model's; for `mode` 'sweep' also the grid (sweep_grid),
+  which no other mode reads."""
   check_types(config, _TYPES)
   data, train, sample = config.data, config.train, config.sample
   check(bool(data.dataset.strip()), 'data.dataset', data.dataset, "a TFDS dataset name such as 'digits' or 'mnist'")
@@ -71,6 +73,66 @@ def validate(config, *, device_count: int | None = None):
         'stats .npz path')
 
   parallel.validate(config, device_count)
+  if mode == 'sweep':
+    sweep_grid(config)
+
+
+# The sweep's grid axes: comma lists in strings (command-line friendly: --config.sweep.eta=0,0.5,1).
+SWEEP_LISTS = 'sweep.sampler sweep.num_steps sweep.step_size sweep.eta sweep.ddim_scale sweep.guidance'
+
+
+def sweep_grid(config) -> list[dict]:
+  """The cells of `--mode sweep`, each {'sampler', 'num_steps', 'step_size', 'eta', 'ddim_scale', 'guidance'}:
+  every sampler × step setting × guidance × noise setting. Step settings: each sweep.num_steps N, then each
+  sweep.step_size k (the seed's stride; its cells' num_steps is the number of steps it visits). Noise settings
+  for 'ddim': each sweep.eta η, then each sweep.ddim_scale s (the seed's update, eta None); 'ddpm' has none
+  (eta and ddim_scale None). A bad list is one ConfigError line, before anything is built."""
+  check(config.method == 'diffusion', 'method', config.method,
+        "'diffusion' with --mode sweep (a DDGAN samples with its fixed gan.num_timesteps generator calls and has "
+        'no eta or guidance to sweep)')
+  check_types(config, {'a comma list in a string': ((str,), SWEEP_LISTS), 'an int': ((int,), 'sweep.num_samples')})
+  sweep, T = config.sweep, config.diffusion.num_timesteps
+  check(sweep.num_samples >= 1, 'sweep.num_samples', sweep.num_samples, '>= 1')
+  sampler_names = _comma_list(config, 'sampler', str, f'a comma list of {", ".join(samplers.SAMPLERS)}')
+  for name in sampler_names:
+    check_choice('sweep.sampler', name, samplers.SAMPLERS)
+  num_steps, step_sizes = (_comma_list(config, name, int, f'a comma list of {what} in 1..{T} (diffusion.num_timesteps)',
+                                       low=1, high=T) for name, what in (('num_steps', 'step counts'),
+                                                                         ('step_size', 'strides')))
+  etas, scales, guidances = (_comma_list(config, name, float, 'a comma list of numbers >= 0', low=0)
+                             for name in ('eta', 'ddim_scale', 'guidance'))
+  check(bool(num_steps or step_sizes), 'sweep.num_steps', sweep.num_steps,
+        'a non-empty comma list of step counts (or sweep.step_size strides)')
+  check(bool(etas or scales) or 'ddim' not in sampler_names, 'sweep.eta', sweep.eta,
+        "a non-empty comma list (or sweep.ddim_scale values) for sweep.sampler 'ddim'")
+  check(bool(guidances), 'sweep.guidance', sweep.guidance, 'a non-empty comma list of numbers >= 0')
+  check(not any(guidances) or config.data.num_classes > 0, 'sweep.guidance', sweep.guidance,
+        '0 for an unconditional model (data.num_classes=0)')
+  check(not any(guidances) or config.train.p_uncond > 0, 'sweep.guidance', sweep.guidance,
+        '0 unless train.p_uncond > 0 (the null class must be trained for classifier-free guidance)')
+  spacings = [(n, None) for n in num_steps] + [
+      (len(schedules.spaced_timesteps(T, step_size=k)), k) for k in step_sizes]
+  cells = []
+  for sampler in sampler_names:
+    noises = [(eta, None) for eta in etas] + [(None, s) for s in scales] if sampler == 'ddim' else [(None, None)]
+    for steps, step_size in spacings:
+      for guidance in guidances:
+        cells += [{'sampler': sampler, 'num_steps': steps, 'step_size': step_size, 'eta': eta, 'ddim_scale': scale,
+                   'guidance': guidance} for eta, scale in noises]
+  return cells
+
+
+def _comma_list(config, name: str, kind: type, allowed: str, *, low=None, high=None) -> list:
+  """sweep.<name> 'a,b,c' -> [kind(a), kind(b), kind(c)] (repeats dropped; '' -> []), each in [low, high]."""
+  value = config.sweep[name]
+  items = [item.strip() for item in value.split(',')] if value.strip() else []
+  try:
+    parsed = list(dict.fromkeys(kind(item) for item in items))
+  except ValueError:
+    fail(f'sweep.{name}', value, allowed)
+  in_range = all((low is None or item >= low) and (high is None or item <= high) for item in parsed)
+  check(in_range and (kind is not float or bool(np.all(np.isfinite(parsed)))), f'sweep.{name}', value, allowed)
+  return parsed
 
 
 def load_config_module(path):

@@ -124,10 +124,10 @@ def prepared_builder(name, data_dir):
 def check_prepared(config, mode: str) -> None:
   """Raises DatasetNotFoundError (one line: how to prepare it) unless data.dataset is prepared in data.data_dir
   when `mode` reads it; ddjax.main calls this before any mode builds or writes anything. 'train' reads its
-  training split; 'eval' a split named by eval.reference and the held-out examples of the NLL (eval.bpd_examples
-  > 0), so not with a stats file and no NLL; 'sample' reads no data."""
+  training split; 'eval' and 'sweep' a split named by eval.reference and the held-out examples of the NLL
+  (eval.bpd_examples > 0), so not with a stats file and no NLL; 'sample' reads no data."""
   uses_a_split = config.eval.reference in ('train', 'validation', 'test') or config.eval.bpd_examples > 0
-  if mode == 'train' or (mode == 'eval' and uses_a_split):
+  if mode == 'train' or (mode in ('eval', 'sweep') and uses_a_split):
     builder = prepared_builder(config.data.dataset, config.data.data_dir)
     if not builder.is_prepared():
       raise not_prepared(builder)

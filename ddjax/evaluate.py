@@ -1,8 +1,9 @@
 """`--mode eval`: a checkpoint's EMA params -> N samples -> FID and IS against reference statistics, and the
 NLL bound in bits/dim on held-out examples; one line appended to `<workdir>/metrics.jsonl`.
 
-Order: the Inception weights, the checkpoint, the reference statistics, and only then the samples, so whatever is
-missing fails before hours of sampling.
+Order: the checkpoint, the Inception weights, the reference statistics, and only then the samples, so whatever is
+missing fails before hours of sampling. `--mode sweep` scores its cells with the same two functions,
+prepare_scoring (before sampling) and score_samples.
 
 The reference (`eval.reference`) is a split of `data.dataset` ('train', 'validation', 'test') or the path of a
 stats .npz (`python -m ddjax.fid stats`, or an ADM reference batch). A split's statistics are computed once,
@@ -36,9 +37,9 @@ SPLITS = ('train', 'validation', 'test')
 CHUNK_SAMPLES = 5000  # samples per resumable chunk, rounded up to whole sample.batch_size batches
 
 
-def check_reference(config, method):
-  """eval.reference names a split that data.dataset has, or an existing file, and the NLL has a held-out split:
-  checked before sampling (the dataset, when needed, checked by data.check_prepared)."""
+def check_reference(config):
+  """eval.reference names a split that data.dataset has, or an existing file: checked before sampling (the
+  dataset, when needed, checked by data.check_prepared)."""
   reference, dataset = config.eval.reference, config.data.dataset
   if reference in SPLITS:
     splits = dataset_splits(config)
@@ -46,8 +47,13 @@ def check_reference(config, method):
           f'a split of {dataset!r} ({", ".join(map(repr, splits))}) or a stats .npz path')
   else:
     check(os.path.isfile(reference), 'eval.reference', reference, 'an existing stats .npz file, or a split')
+
+
+def check_nll_split(config, method):
+  """The NLL, when measured, has a held-out split."""
   check(not measures_nll(config, method) or {'test', 'validation'} & set(dataset_splits(config)),
-        'eval.bpd_examples', config.eval.bpd_examples, f'0: {dataset!r} has no test or validation split for the NLL')
+        'eval.bpd_examples', config.eval.bpd_examples,
+        f'0: {config.data.dataset!r} has no test or validation split for the NLL')
 
 
 def dataset_splits(config) -> list[str]:
@@ -64,19 +70,11 @@ def evaluate(config, workdir: str) -> dict:
   config_lib.validate(config)
   data.check_prepared(config, 'eval')
   method = methods.build(config)
-  check_reference(config, method)
-  evaluation = config.eval
-  weights = inception_weights(config)  # before sampling: a missing file fails in seconds
+  check_nll_split(config, method)
   params, step = sample.load_ema_params(config, workdir, config.sample.checkpoint_step)
   mesh = parallel.DataParallel.create(config.parallel.mode).mesh
   samples_rng, bpd_rng = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), step))
-
-  # -- References, before any sampling. --------------------------------------------------------------------------
-  if weights:
-    inception_variables, weights_sha256 = fid.load_variables(weights), fid.sha256_of(weights)
-    reference = reference_stats(config, inception_variables, mesh=mesh, weights_sha256=weights_sha256)
-  if uses_offline_metrics(config, weights):
-    feature_net, real = offline_reference(config)
+  references = prepare_scoring(config, mesh=mesh)
 
   # -- Samples, chunk by chunk. ----------------------------------------------------------------------------------
   generate_fn = generate.make_generate_fn(method.sample_fn, mesh)
@@ -87,17 +85,9 @@ def evaluate(config, workdir: str) -> dict:
     fid.save_npz(samples_path, {'arr_0': images, 'arr_1': labels})
 
   # -- FID and IS; the offline metrics. --------------------------------------------------------------------------
-  metrics = {}
-  if weights:
-    samples = fid.stats_of(fid.array_batches(images, evaluation.batch_size), inception_variables, mesh=mesh,
-                           batch_size=evaluation.batch_size, with_inception_score=True, source=samples_path,
-                           weights_sha256=weights_sha256)
-    metrics.update(fid=fid.frechet_distance(mu1=samples['mu'], sigma1=samples['sigma'], mu2=reference['mu'],
-                                            sigma2=reference['sigma']),
-                   **{'is': samples['is_mean'], 'is_std': samples['is_std']})
-  if uses_offline_metrics(config, weights):
-    metrics.update(offline_metrics.score(images, labels if config.data.num_classes else None, net=feature_net,
-                                         real=real))
+  metrics = score_samples(config, references, images, labels, mesh=mesh, source=samples_path)
+  if 'offline' in references:
+    feature_net = references['offline'][0]
     histogram = offline_metrics.class_histogram(feature_net.predict(images), feature_net.model.num_classes)
     train.console('classes of the samples (the feature classifier\'s labels): '
                   + ' '.join(f'{c}:{n}' for c, n in enumerate(histogram)))
@@ -115,6 +105,42 @@ def evaluate(config, workdir: str) -> dict:
                 + '  '.join(f'{k} {v:.4f}' for k, v in metrics.items())
                 + f'\nsamples in {samples_path}, metrics in {os.path.join(workdir, "metrics.jsonl")}')
   return {'step': step, **metrics}
+
+
+def prepare_scoring(config, *, mesh) -> dict:
+  """What the metrics of eval.metrics need, prepared before any sampling (a bad eval.reference or a missing
+  weights file fails in seconds): {'inception': (Inception variables, weights sha256, reference statistics)} for
+  FID/IS, {'offline': (feature network, real reference)} for the offline metrics."""
+  check_reference(config)
+  references = {}
+  weights = inception_weights(config)
+  if weights:
+    variables, weights_sha256 = fid.load_variables(weights), fid.sha256_of(weights)
+    references['inception'] = (variables, weights_sha256,
+                                reference_stats(config, variables, mesh=mesh, weights_sha256=weights_sha256))
+  if uses_offline_metrics(config, weights):
+    references['offline'] = offline_reference(config)
+  return references
+
+
+def score_samples(config, references: dict, images: np.ndarray, labels: np.ndarray, *, mesh, source: str) -> dict:
+  """{'fid', 'is', 'is_std'} and the offline metrics (offline_metrics.score; agreement for a class-conditional
+  model), as `references` (prepare_scoring) has them, of uint8 samples [N, H, W, C] with their requested labels;
+  `source` (the samples' file) goes into the Inception statistics' provenance."""
+  metrics = {}
+  if 'inception' in references:
+    variables, weights_sha256, reference = references['inception']
+    batch_size = config.eval.batch_size
+    samples = fid.stats_of(fid.array_batches(images, batch_size), variables, mesh=mesh, batch_size=batch_size,
+                           with_inception_score=True, source=source, weights_sha256=weights_sha256)
+    metrics.update(fid=fid.frechet_distance(mu1=samples['mu'], sigma1=samples['sigma'], mu2=reference['mu'],
+                                            sigma2=reference['sigma']),
+                   **{'is': samples['is_mean'], 'is_std': samples['is_std']})
+  if 'offline' in references:
+    feature_net, real = references['offline']
+    metrics.update(offline_metrics.score(images, labels if config.data.num_classes else None, net=feature_net,
+                                         real=real))
+  return metrics
 
 
 def inception_weights(config) -> str | None:
@@ -229,15 +255,26 @@ def draw_samples(config, workdir: str, generate_fn, params, rng, *, mesh, step: 
 def chunk_dir(config, workdir: str, *, step: int, chunk: int) -> str:
   """<workdir>/samples/eval_chunks_step<step>_<key>, `key` a hash of everything the samples depend on besides
   the checkpoint: the chunk size, seed, sampler, diffusion, model and image settings, the precision."""
+  key = settings_key({**sample_settings(config), 'chunk': chunk})
+  return os.path.join(workdir, 'samples', f'eval_chunks_step{step}_{key}')
+
+
+def sample_settings(config) -> dict:
+  """Every setting drawn samples depend on besides the checkpoint and their count: the seed, sampler, diffusion,
+  model and image settings, the precision (not train, eval or sweep, nor --mode sample's count)."""
   settings = config.to_dict()
-  for section in ('train', 'eval'):
+  for section in ('train', 'eval', 'sweep'):
     settings.pop(section, None)
   settings['data'] = {key: config.data[key] for key in ('image_size', 'num_channels', 'num_classes')}
   settings['parallel'] = {'precision': config.parallel.precision}
   for key in ('num_samples', 'checkpoint_step'):  # --mode sample's count; the step is in the name
     settings['sample'].pop(key)
-  key = hashlib.sha256(json.dumps({**settings, 'chunk': chunk}, sort_keys=True, default=str).encode())
-  return os.path.join(workdir, 'samples', f'eval_chunks_step{step}_{key.hexdigest()[:16]}')
+  return settings
+
+
+def settings_key(settings: dict) -> str:
+  """A 16-hex-digit hash of `settings` (JSON, keys sorted)."""
+  return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def read_chunk(path: str, size: int):

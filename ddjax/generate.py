@@ -11,16 +11,17 @@ from ddjax import parallel, samplers
 
 
 def make_generate_fn(sample_fn, mesh):
-  """jit(params, rng, indices [B], labels [B]) -> float32 samples [B, H, W, C] in model space, compiled once per
-  batch size; `sample_fn(params, keys [B], labels [B])` is the method's sampler (methods.base.Method).
+  """jit(params, rng, indices [B], labels [B], values=None) -> float32 samples [B, H, W, C] in model space,
+  compiled once per batch size; `sample_fn(params, keys [B], labels [B], **values)` is the method's sampler
+  (methods.base.Method), `values` sampler settings passed as arguments (traced: any value, the same program).
 
   Sample j is drawn from the key fold_in(rng, indices[j]) (its global index), so it does not depend on the
   batch size, the padding or the device count. The batch is split over every device of `mesh` (params
   replicated and passed to the sampler as an argument).
   """
   @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, PartitionSpec(parallel.AXIS)))
-  def generate(params, rng, indices, labels):
-    return sample_fn(params, jax.vmap(lambda i: jax.random.fold_in(rng, i))(indices), labels)
+  def generate(params, rng, indices, labels, values=None):
+    return sample_fn(params, jax.vmap(lambda i: jax.random.fold_in(rng, i))(indices), labels, **(values or {}))
 
   return generate
 
@@ -31,7 +32,7 @@ def padded_batch_size(batch_size: int, num_devices: int) -> int:
 
 
 def generate_images(generate, params, rng, *, mesh, num_samples: int, batch_size: int, num_classes: int,
-                    class_label: int = -1, cycle_classes: bool = False):
+                    class_label: int = -1, cycle_classes: bool = False, values: dict | None = None):
   """(uint8 images [N, H, W, C], int labels [N]) drawn in batches of `batch_size` (at most N), each padded to
   a multiple of the device count; the padding is dropped.
 
@@ -39,7 +40,7 @@ def generate_images(generate, params, rng, *, mesh, num_samples: int, batch_size
   Sample i depends only on (rng, i, its label): not on batch_size or the device count.
 
   Labels: `class_label` for all, random real classes for −1, or 0, 1, …, num_classes−1 repeating when
-  `cycle_classes` (grids with the classes in order).
+  `cycle_classes` (grids with the classes in order). `values`: sampler settings for `generate` (scalars).
   """
   label_rng, sample_rng = jax.random.split(rng)
   if not num_classes:
@@ -52,13 +53,14 @@ def generate_images(generate, params, rng, *, mesh, num_samples: int, batch_size
   batch_size = min(batch_size, num_samples)
   padded = padded_batch_size(batch_size, mesh.size)
   params = parallel.global_replicated(mesh, params)
+  values = parallel.global_replicated(mesh, values) if values else None
   images = []
   for start in range(0, num_samples, batch_size):
     count = min(batch_size, num_samples - start)
     indices = np.arange(start, start + padded, dtype=np.int32)  # indices past the batch are padding
     batch_labels = labels[np.minimum(indices, start + count - 1)]
     x = generate(params, sample_rng, parallel.global_sharded(mesh, indices),
-                 parallel.global_sharded(mesh, batch_labels))
+                 parallel.global_sharded(mesh, batch_labels), values)
     images.append(to_uint8(parallel.fetch(x))[:count])
   return np.concatenate(images), labels
 

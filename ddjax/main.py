@@ -1,4 +1,5 @@
-"""Entry point: python -m ddjax.main --config configs/<name>.py --workdir <dir> [--mode train|sample|eval]."""
+"""Entry point: python -m ddjax.main --config configs/<name>.py --workdir <dir> [--mode train|sample|eval|sweep]."""
+import importlib
 import signal
 import sys
 
@@ -11,8 +12,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (ml_collections); override keys with --config.<key>=v.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints/, metrics.jsonl, samples/.')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'],
-                  'train (resumes automatically), sample, or eval (FID/IS/bits per dim).')
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'sweep'],
+                  'train (resumes automatically), sample, eval (FID/IS/bits per dim), or sweep (a grid of sampler '
+                  'settings, each scored).')
 flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0 (or DDJAX_COORDINATOR_ADDRESS).')
 flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes (or DDJAX_NUM_PROCESSES).')
 flags.DEFINE_integer('process_id', None, 'Multi-host: this process, 0..num_processes-1 (or DDJAX_PROCESS_ID).')
@@ -43,6 +45,22 @@ def parse_flags(argv):
 
 def main(argv):
   del argv
+  run_checked(FLAGS.mode, run_mode)
+
+
+# --mode -> (module of ddjax, its function(config, workdir)); a module is imported only for its own mode.
+MODES = {'train': ('train', 'train_and_evaluate'), 'sample': ('sample', 'sample_and_save'),
+         'eval': ('evaluate', 'evaluate'), 'sweep': ('sweep', 'sweep')}
+
+
+def run_mode():
+  module, function = MODES[FLAGS.mode]
+  getattr(importlib.import_module(f'ddjax.{module}'), function)(FLAGS.config, FLAGS.workdir)
+
+
+def run_checked(mode: str, task):
+  """FLAGS.config validated for `mode` and its dataset checked, then task(); every expected failure is one line
+  and its exit status (ddjax.study runs its own task through this too)."""
   logging.set_verbosity(logging.WARNING)  # orbax and clu log every save at INFO; our console lines suffice
   # Heavy imports after flag parsing, so --help is instant; TensorFlow (imported by train and sample) only once
   # the config is valid, so an invalid setting prints its one line and nothing else.
@@ -50,22 +68,16 @@ def main(argv):
   try:
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                            timeout_s=FLAGS.coordinator_timeout)
-    config_lib.validate(FLAGS.config)
+    config_lib.validate(FLAGS.config, mode=mode)
   except ConfigError as error:
     exit_with(f'invalid config: {error}', EXIT_CONFIG_ERROR)
-  from ddjax import data, sample, train
+  from ddjax import data, train
   from ddjax.checkpoint import CheckpointError
   from ddjax.fid import FileFormatError, InceptionWeightsError
   from ddjax.workdir import WorkdirError
   try:
-    data.check_prepared(FLAGS.config, FLAGS.mode)  # a missing dataset: one line before anything is built or written
-    if FLAGS.mode == 'train':
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    elif FLAGS.mode == 'sample':
-      sample.sample_and_save(FLAGS.config, FLAGS.workdir)
-    else:
-      from ddjax import evaluate
-      evaluate.evaluate(FLAGS.config, FLAGS.workdir)
+    data.check_prepared(FLAGS.config, mode)  # a missing dataset: one line before anything is built or written
+    task()
   except ConfigError as error:
     exit_with(f'invalid config: {error}', EXIT_CONFIG_ERROR)
   except train.Preempted as stop:

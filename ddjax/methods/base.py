@@ -30,7 +30,8 @@ class Method:
   config by `ddjax.methods.build`. The loop never asks which method it runs."""
   init_state: Callable[[], TrainState]     # builds the initial state (pure: run by initial_state, compiled)
   train_step: Callable                     # (state, batch, *, axis_name) -> (state, metrics): pure, one device
-  sample_fn: Callable                      # (params, keys [B], labels [B]) -> float32 [B, H, W, C], model space
+  sample_fn: Callable                      # (params, keys [B], labels [B], **values) -> float32 [B, H, W, C],
+                                           # model space; values: sampler settings a method lets a sweep trace
   watched_metrics: tuple[str, ...]         # what the NaN guard checks before every log and save
   console_metrics: tuple[str, ...]         # what the console line shows
   learning_rates: Callable[[int], dict]    # {metric name: the rate update n (0-based) used}

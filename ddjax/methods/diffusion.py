@@ -190,8 +190,9 @@ def bind_train_step(config, model, tx, schedule):
 # ----------------------------------------------------------------------------------------------------------------
 
 def make_sample_fn(config, model, betas):
-  """(params, keys [B], labels [B]) -> samples, honouring every `config.sample` key (an unconditional model
-  ignores `labels`)."""
+  """(params, keys [B], labels [B], **values) -> samples, honouring every `config.sample` key (an unconditional
+  model ignores `labels`). `values` (any of eta, guidance, ddim_scale) replace the config's; passed as arguments
+  of the enclosing jit they are traced, so one compiled program serves every value (`--mode sweep`)."""
   sample_config, diffusion_config = config.sample, config.diffusion
   num_classes = config.data.num_classes or None
   shape_hw = (config.data.image_size, config.data.image_size, config.data.num_channels)
@@ -201,11 +202,12 @@ def make_sample_fn(config, model, betas):
   def model_fn(params, x_t, t, y):  # built once: the compiled sampling loop is keyed on it
     return model.apply({'params': params}, x_t, t, y, train=False)
 
-  def sample_fn(params, keys, labels):
+  def sample_fn(params, keys, labels, **values):
+    settings = {'eta': sample_config.eta, 'ddim_scale': sample_config.ddim_scale,
+                'guidance': sample_config.guidance, **values}
     return samplers.sample(
         model_fn, betas, shape=(labels.shape[0],) + shape_hw, rng=keys, params=params,
-        sampler=sample_config.sampler, num_steps=num_steps, step_size=sample_config.step_size,
-        eta=sample_config.eta, ddim_scale=sample_config.ddim_scale, guidance=sample_config.guidance,
+        sampler=sample_config.sampler, num_steps=num_steps, step_size=sample_config.step_size, **settings,
         labels=labels if num_classes else None, num_classes=num_classes, prediction=diffusion_config.prediction,
         variance=diffusion_config.variance, clip_x0=sample_config.clip_x0)
 

@@ -1,7 +1,7 @@
 """ddjax against its PyTorch peer, side by side in one run: diffusers' UNet2DModel + AdamW, and its DDIMScheduler.
 
   pip install -e '.[bench]'     # diffusers and torch, never needed by ddjax itself
-  python benchmarks/peer_diffusers.py [--rounds 2] [--train_batch 32] [--sample_batch 8]
+  python benchmarks/peer_diffusers.py [--rounds 2] [--what train|sample|both] [--train_batch 32] [--sample_batch 8]
 
 The pair, both class-conditional (10 classes) at 32×32×3, eps-prediction, linear β over T = 1000, no attention:
 - ddjax: configs/cifar10_ddpm.py with ch 64, ch_mult (1, 2, 2, 2) (widths 64/128/128/128), blocks 'res,res,res'
@@ -117,16 +117,19 @@ def ddjax(what: str, batch: int, *, warmup: int, steps: int) -> dict:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--rounds', type=int, default=2, help='alternating ddjax/peer rounds')
+  parser.add_argument('--what', choices=('train', 'sample', 'both'), default='both')
   parser.add_argument('--train_batch', type=int, default=32)
   parser.add_argument('--sample_batch', type=int, default=8)
   parser.add_argument('--train_steps', type=int, default=10, help='timed train steps per run')
   parser.add_argument('--sample_steps', type=int, default=3, help='timed 50-step sampling batches per run')
   parser.add_argument('--warmup', type=int, default=1)
   args = parser.parse_args()
-  ratios = {'train': [], 'sample': []}
+  runs = [(what, batch, steps) for what, batch, steps in (('train', args.train_batch, args.train_steps),
+                                                           ('sample', args.sample_batch, args.sample_steps))
+          if args.what in (what, 'both')]
+  ratios = {what: [] for what, _, _ in runs}
   for round_index in range(args.rounds):
-    for what, batch, steps in (('train', args.train_batch, args.train_steps),
-                               ('sample', args.sample_batch, args.sample_steps)):
+    for what, batch, steps in runs:
       log(f'round {round_index + 1}: ddjax {what}')
       ours = ddjax(what, batch, warmup=args.warmup, steps=steps)
       log(f'round {round_index + 1}: peer {what}')

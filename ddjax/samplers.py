@@ -64,9 +64,10 @@ def _traced(value) -> bool:
 
 
 @functools.partial(jax.jit, static_argnames=('model_fn', 'shape', 'sampler', 'prediction', 'variance', 'clip_x0',
-                                             'num_classes', 'use_ddim_scale', 'use_guidance', 'use_params'))
+                                             'num_classes', 'use_ddim_scale', 'use_guidance', 'use_noise',
+                                             'use_params'))
 def _sample_loop(schedule: Schedule, params, rng, labels, eta, ddim_scale, guidance, *, model_fn, shape, sampler,
-                 prediction, variance, clip_x0, num_classes, use_ddim_scale, use_guidance, use_params):
+                 prediction, variance, clip_x0, num_classes, use_ddim_scale, use_guidance, use_noise, use_params):
   if use_params:
     model_fn = functools.partial(model_fn, params)
   if use_guidance:
@@ -80,10 +81,9 @@ def _sample_loop(schedule: Schedule, params, rng, labels, eta, ddim_scale, guida
     output = model_fn(x_t, schedule.timesteps[t], labels).astype(jnp.float32)
     pred = diffusion.predict(schedule, output, x_t=x_t, t=t, prediction=prediction, variance=variance,
                              clip_x0=clip_x0)
-    z = _noise(keys, i, shape[1:])
     not_last = (i > 0).astype(jnp.float32)
     if sampler == 'ddpm':
-      return pred.mean + not_last * jnp.exp(0.5 * pred.log_variance) * z, None
+      return pred.mean + not_last * jnp.exp(0.5 * pred.log_variance) * _noise(keys, i, shape[1:]), None
     alpha_bar_prev = schedule.alphas_cumprod_prev[i]
     posterior_variance = schedule.posterior_variance[i]
     if use_ddim_scale:
@@ -95,8 +95,9 @@ def _sample_loop(schedule: Schedule, params, rng, labels, eta, ddim_scale, guida
       # DDIM: σ² = η²·β̃ on the strided schedule.
       noise_variance = eta**2 * posterior_variance
       direction_variance = jnp.maximum(1.0 - alpha_bar_prev - noise_variance, 0.0)
-    x_prev = (jnp.sqrt(alpha_bar_prev) * pred.x0 + jnp.sqrt(direction_variance) * pred.eps
-              + not_last * jnp.sqrt(noise_variance) * z)
+    x_prev = jnp.sqrt(alpha_bar_prev) * pred.x0 + jnp.sqrt(direction_variance) * pred.eps
+    if use_noise:
+      x_prev = x_prev + not_last * jnp.sqrt(noise_variance) * _noise(keys, i, shape[1:])
     return x_prev, None
 
   x0, _ = jax.lax.scan(step, x_init, jnp.arange(schedule.num_steps - 1, -1, -1))
@@ -132,12 +133,16 @@ def sample(model_fn, betas, *, shape, rng, sampler='ddim', num_steps=None, step_
         '0 unless labels and num_classes are given (classifier-free guidance needs a class-conditional model)')
   check(labels is None or np.shape(labels) == (shape[0],), 'labels', f'shape {np.shape(labels)}',
         f'None or shape ({shape[0]},)')
+  # Deterministic DDIM (η = 0, or ddim_scale 0) draws no z: its threefry draw was most of the per-step work
+  # outside the network (1.7 ms a step at 8×32×32×3 on a 2-core CPU). A traced η / ddim_scale may be nonzero.
+  noise_scale = eta if ddim_scale is None else ddim_scale
+  use_noise = sampler == 'ddpm' or _traced(noise_scale) or noise_scale > 0
   schedule = spaced_schedule(np.asarray(betas, np.float64), num_steps=num_steps, step_size=step_size)
   return _sample_loop(
       schedule, params, rng, labels, jnp.float32(eta), jnp.float32(0.0 if ddim_scale is None else ddim_scale),
       jnp.float32(guidance), model_fn=model_fn, shape=tuple(shape), sampler=sampler, prediction=prediction,
       variance=variance, clip_x0=bool(clip_x0), num_classes=num_classes, use_ddim_scale=ddim_scale is not None,
-      use_guidance=use_guidance, use_params=params is not None)
+      use_guidance=use_guidance, use_noise=use_noise, use_params=params is not None)
 
 
 @functools.partial(jax.jit, static_argnames=('generator_fn', 'shape', 'nz', 'use_params'))

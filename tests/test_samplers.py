@@ -253,3 +253,21 @@ def test_bad_input_before_tracing(kwargs, key):
   message = str(error.value)
   assert message.startswith(key + '=') and 'allowed' in message and '\n' not in message
   assert not traced
+
+
+def test_deterministic_ddim_draws_no_noise_and_matches_the_noisy_program_at_zero(monkeypatch):
+  # η = 0 (or ddim_scale 0) skips z in the loop; a traced η builds the program that draws it and scales it by 0.
+  draws = []
+  noise = samplers._noise
+  monkeypatch.setattr(samplers, '_noise', lambda *args: draws.append(1) or noise(*args))
+
+  def noise_draws(**kwargs):  # traced once each: a shape no other test uses
+    draws.clear()
+    samplers.sample(MODELS['eps'], BETAS, shape=(5, 3, 3, 1), rng=jax.random.key(0), num_steps=20, **kwargs)
+    return len(draws)
+  assert noise_draws(eta=0.0) == noise_draws(ddim_scale=0.0) == 1  # x_T only
+  assert noise_draws(eta=0.5) == noise_draws(ddim_scale=0.5) == noise_draws(sampler='ddpm') == 2
+  deterministic = samplers.sample(MODELS['eps'], BETAS, shape=(8, 2, 2, 1), rng=jax.random.key(0), num_steps=20)
+  traced = jax.jit(lambda eta: samplers.sample(MODELS['eps'], BETAS, shape=(8, 2, 2, 1), rng=jax.random.key(0),
+                                               num_steps=20, eta=eta))(jnp.float32(0.0))
+  np.testing.assert_allclose(deterministic, traced, rtol=1e-6, atol=1e-6)

@@ -1,6 +1,7 @@
 """The seed U-Net: the five ImageNet-64 configs build with the right shapes; a tiny one runs and conditions."""
 import pathlib
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,6 +116,19 @@ def test_helpers():
   assert [unet.largest_divisor(c, 32) for c in (16, 48, 128, 192, 24)] == [16, 24, 32, 32, 24]
   emb = unet.timestep_embedding(jnp.array([0, 10]), 8)
   np.testing.assert_allclose(emb[0], [1, 1, 1, 1, 0, 0, 0, 0])
+
+
+@pytest.mark.parametrize('dtype, tolerance', [(jnp.float32, 3e-6), (jnp.bfloat16, 8e-3)])
+def test_group_norm_is_flax_group_norm(dtype, tolerance):
+  """unet.GroupNorm (per-channel sums first, for XLA:CPU) has nn.GroupNorm's parameters and results."""
+  x = jnp.asarray(np.random.default_rng(0).normal(1.0, 2.0, (3, 8, 8, 96)), dtype)
+  variables = {'params': {'scale': jnp.linspace(0.5, 2, 96), 'bias': jnp.linspace(-1, 1, 96)}}
+  ours, flax_norm = unet.GroupNorm(num_groups=32, dtype=dtype), nn.GroupNorm(num_groups=32, dtype=dtype)
+  assert (jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x))
+          == jax.tree.map(jnp.shape, flax_norm.init(jax.random.key(0), x)))
+  out, expected = ours.apply(variables, x), flax_norm.apply(variables, x)
+  assert out.dtype == expected.dtype == dtype
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected, np.float32), atol=tolerance)
 
 
 @pytest.mark.parametrize('key, value, match', [

@@ -54,3 +54,45 @@ def test_time_steps_rejects_a_step_that_recompiles():
     benchmark.time_steps(lambda: jnp.ones(next(shapes)), square, warmup=1, steps=2)
   timings = benchmark.time_steps(lambda: jnp.ones(3), square, warmup=1, steps=3)
   assert len(timings.step_s) == 3 and timings.compile_s >= 0 and 0 <= timings.wait_fraction <= 1
+
+
+def test_gpu_table_peak_rates_and_mfu(monkeypatch):
+  """benchmarks/gpu.py: the datasheet peak matched by device_kind, MFU from the cost-analysis FLOPs, a failed
+  attempt kept as a row (the GPU run itself needs a GPU; GPU_SH_SMOKE=1 runs it on the CPU)."""
+  from benchmarks import gpu
+  monkeypatch.delenv('GPU_SH_PEAK_TFLOPS', raising=False)
+  kinds = {'NVIDIA H100 80GB HBM3': 989, 'NVIDIA H100 PCIe': 756, 'NVIDIA H200': 989, 'NVIDIA GH200 480GB': 989,
+           'NVIDIA A100-SXM4-80GB': 312, 'NVIDIA A10': 125, 'NVIDIA A10G': None, 'NVIDIA L4': 121,
+           'NVIDIA L40S': 362, 'cpu': None}
+  assert {kind: gpu.peak_tflops(kind) for kind in kinds} == kinds
+  result = {'device_kind': 'NVIDIA A100-SXM4-80GB', 'flops_per_step': 156e12, 'ms_per_step': 1000.0,
+            'batch_size': 128, 'images_per_sec': 128.0, 'compile_s': 40.0, 'peak_device_memory_bytes': 2**35}
+  rows = [gpu.row('train 128', 'bf16', result), gpu.row('train largest (256)', 'bf16', 'out of memory')]
+  assert rows[0]['mfu'] == pytest.approx(0.5)
+  table = gpu.format_table(rows)
+  assert '| 128 | 128.0 | 1000.0 | 40 | 156 | 50.0% | 32.0' in table and 'failed: out of memory' in table
+  monkeypatch.setenv('GPU_SH_PEAK_TFLOPS', '100')
+  assert gpu.peak_tflops('cpu') == 100
+
+
+def test_gpu_script_searches_batches_until_one_fails(monkeypatch, capsys):
+  from benchmarks import gpu
+  calls = []
+
+  def fake_benchmark(args, *, timeout_s):
+    flags = dict(arg.split('=', 1) for arg in args if arg.startswith('--config.') and '=' in arg)
+    batch = int(flags.get('--config.data.batch_size', 8))
+    calls.append((args[args.index('--what') + 1], batch))
+    if batch > 256:
+      return 'out of memory'
+    return {'device_kind': 'NVIDIA H100 80GB HBM3', 'flops_per_step': 1e12 * batch, 'ms_per_step': 10.0 * batch,
+            'batch_size': batch, 'images_per_sec': 100.0, 'compile_s': 1.0, 'peak_device_memory_bytes': None,
+            'ms_per_network_eval': 1.0, 'overhead_ratio': 2.0}
+  monkeypatch.setattr(gpu, 'benchmark', fake_benchmark)
+  monkeypatch.delenv('GPU_SH_SMOKE', raising=False)
+  gpu.main()
+  assert calls == [('train', 128), ('train', 128), ('sample', 8), ('fid', 8), ('train', 256), ('train', 384),
+                   ('train', 256), ('train', 384)]
+  table = capsys.readouterr().out
+  assert 'device: NVIDIA H100 80GB HBM3; MFU against 989 TFLOP/s' in table
+  assert table.count('train largest (256; 384: out of memory)') == 2 and '10.1%' in table  # 1e12 / 10 ms / 989e12

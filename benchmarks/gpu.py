@@ -1,0 +1,134 @@
+"""One GPU, one table: the seed's res-res U-Net trained in bfloat16 and float32, sampled, and the FID network.
+
+  bash benchmarks/gpu.sh                    # installs ddjax (keeping a CUDA jax), then runs this; <= 8 minutes
+  GPU_SH_SMOKE=1 bash benchmarks/gpu.sh     # the same runs at digits size, on any machine (the CPU included)
+
+Every figure is one `python -m ddjax.benchmark` subprocess (its last stdout line, a JSON object) with a
+timeout, so an out-of-memory batch ends only its own attempt. In order, while the time budget (GPU_SH_BUDGET_S,
+seconds) lasts:
+1. train configs/imagenet64_res_res.py (synthetic batches of its shapes) at 128 per device in bfloat16 and in
+   float32;
+2. sample: its DDIM step_size 10 with classifier-free guidance (w = 1), bfloat16;
+3. fid: the FID Inception network's feature throughput;
+4. the largest per-device train batch: 256, 384, 512, … in each precision until an attempt fails (out of
+   memory, or out of time).
+Then the table: images/s, ms per step, compile s, TFLOP per step (XLA's cost analysis of the compiled step),
+MFU = those FLOPs / step time / the device's peak dense bf16 rate (for float32 too, so the column compares),
+peak device memory. Only the first GPU is used (CUDA_VISIBLE_DEVICES, unless set).
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = 'configs/imagenet64_res_res.py'
+
+# Peak dense (no sparsity) BF16 tensor-core rate, TFLOP/s, from each vendor datasheet's table (NVIDIA H100,
+# H200, GH200, A100, A10, L4, L40S, HGX B200 datasheets: their "with sparsity" figure halved where only that is
+# given), matched against jax's device_kind in this order. GPU_SH_PEAK_TFLOPS overrides it.
+PEAK_BF16_TFLOPS = (
+    (r'\bGH200\b', 989), (r'\bH200 NVL\b', 835), (r'\bH200\b', 989), (r'\bH100 PCIe\b', 756),
+    (r'\bH100 NVL\b', 835), (r'\bH100\b', 989), (r'\bA100\b', 312), (r'\bA10\b', 125), (r'\bL40S\b', 362),
+    (r'\bL4\b', 121), (r'\bB200\b', 2250),
+)
+
+# Digits-sized stand-ins for a CPU smoke run of every step: the same config file, a 16x16 two-level U-Net.
+SMOKE_OVERRIDES = ('--config.data.image_size=16', '--config.model.ch=16', '--config.model.num_levels=2',
+                   '--config.model.t_dim=32', '--config.model.c_dim=32', '--config.data.num_classes=10',
+                   '--config.eval.batch_size=4')
+
+
+def peak_tflops(device_kind: str) -> float | None:
+  if os.environ.get('GPU_SH_PEAK_TFLOPS'):
+    return float(os.environ['GPU_SH_PEAK_TFLOPS'])
+  return next((peak for pattern, peak in PEAK_BF16_TFLOPS if re.search(pattern, device_kind)), None)
+
+
+def benchmark(args, *, timeout_s: float) -> dict | str:
+  """The JSON result of `python -m ddjax.benchmark <args>`, or why there is none ('out of memory', 'timeout
+  after N s', or the last line of its stderr)."""
+  command = [sys.executable, '-m', 'ddjax.benchmark', *args]
+  print('$ ' + ' '.join(command[1:]), file=sys.stderr, flush=True)
+  try:
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+  except subprocess.TimeoutExpired:
+    return f'timeout after {timeout_s:.0f} s'
+  if done.returncode == 0:
+    return json.loads(done.stdout.strip().splitlines()[-1])
+  if 'RESOURCE_EXHAUSTED' in done.stderr or 'out of memory' in done.stderr.lower():
+    return 'out of memory'
+  return (done.stderr.strip().splitlines() or [f'exit {done.returncode}'])[-1][:200]
+
+
+def row(name: str, precision: str, result) -> dict:
+  """A table row: the benchmark's JSON and what the table derives from it (MFU for train), or the failure."""
+  if isinstance(result, str):
+    return {'run': name, 'precision': precision, 'failed': result}
+  flops, peak = result.get('flops_per_step'), peak_tflops(result['device_kind'])
+  mfu = flops / (result['ms_per_step'] / 1e3) / (peak * 1e12) if flops and peak else None
+  return {'run': name, 'precision': precision, **result, 'mfu': mfu}
+
+
+def format_table(rows: list[dict]) -> str:
+  header = ('run', 'precision', 'batch', 'images/s', 'ms/step', 'compile s', 'TFLOP/step', 'MFU', 'peak GiB')
+  lines = [' | '.join(header), ' | '.join('---' for _ in header)]
+  for r in rows:
+    if 'failed' in r:
+      lines.append(' | '.join([r['run'], r['precision'], *['-'] * 6, f"failed: {r['failed']}"]))
+      continue
+    flops, mfu, peak = r.get('flops_per_step'), r.get('mfu'), r.get('peak_device_memory_bytes')
+    lines.append(' | '.join([
+        r['run'], r['precision'], str(r['batch_size']), f"{r['images_per_sec']:.1f}", f"{r['ms_per_step']:.1f}",
+        f"{r['compile_s']:.0f}", f'{flops / 1e12:.3g}' if flops else '-', f'{100 * mfu:.1f}%' if mfu else '-',
+        f'{peak / 2**30:.1f}' if peak else '-']))
+  return '\n'.join(lines)
+
+
+def main():
+  smoke = os.environ.get('GPU_SH_SMOKE') == '1'
+  deadline = time.monotonic() + float(os.environ.get('GPU_SH_BUDGET_S', 1800 if smoke else 420))
+  base = ['--config', CONFIG, *(SMOKE_OVERRIDES if smoke else ())]
+  timing = ['--steps', '2', '--warmup', '0'] if smoke else ['--steps', '10', '--warmup', '2']
+  first_batch, search = (8, (16,)) if smoke else (128, (256, 384, 512, 640, 768, 1024))
+  precisions = {'bf16': 'bfloat16', 'f32': 'float32'}
+
+  def run(extra, *, limit_s=600 if smoke else 300):  # XLA:CPU compiles slowly
+    remaining = deadline - time.monotonic()
+    return benchmark([*base, *extra], timeout_s=min(limit_s, remaining)) if remaining > 20 else 'no time left'
+
+  def train(precision, batch):
+    return run(['--what', 'train', '--data', 'synthetic', *timing, f'--config.data.batch_size={batch}',
+                f'--config.parallel.precision={precisions[precision]}'])
+
+  first = {p: train(p, first_batch) for p in precisions}
+  rows = [row(f'train {first_batch}', p, result) for p, result in first.items()]
+  step_size, sample_batch = (100, 8) if smoke else (10, 128)
+  rows.append(row(f'sample DDIM step_size {step_size}, CFG w=1', 'bf16', run(
+      ['--what', 'sample', f'--config.sample.step_size={step_size}', f'--config.sample.batch_size={sample_batch}',
+       '--config.sample.guidance=1.0', '--config.parallel.precision=bfloat16',
+       '--steps', '2' if smoke else '3', '--warmup', '0' if smoke else '1'])))
+  rows.append(row('fid features', 'f32', run(['--what', 'fid', *timing])))
+  for precision in precisions:
+    largest, stop = (first_batch, first[precision]), ''
+    for batch in search:
+      result = train(precision, batch)
+      if isinstance(result, str):
+        stop = f'; {batch}: {result}'
+        break
+      largest = batch, result
+    rows.append(row(f'train largest ({largest[0]}{stop})', precision, largest[1]))
+  for r in rows:
+    if r['run'].startswith('sample') and 'failed' not in r:
+      r['run'] += f" ({r['ms_per_network_eval']:.1f} ms/eval, overhead {r['overhead_ratio']:.3f})"
+  device = next((r['device_kind'] for r in rows if 'device_kind' in r), 'unknown')
+  peak = peak_tflops(device)
+  print(f'\ndevice: {device}; MFU against {peak or "an unknown"} TFLOP/s dense bf16 (vendor datasheet; set '
+        f'GPU_SH_PEAK_TFLOPS to override){"; SMOKE (digits-sized)" if smoke else ""}')
+  print(format_table(rows))
+
+
+if __name__ == '__main__':
+  main()

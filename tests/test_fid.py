@@ -250,11 +250,12 @@ def test_pools_and_resize_match_torch():
     np.testing.assert_allclose(ours, nhwc(resized), rtol=1e-5, atol=1e-5)
 
 
-def test_conv_bn_mapping_matches_torch():
-  """A torch conv (asymmetric kernel and padding) + BatchNorm(eps 0.001) + ReLU and our BasicConv2d with the
-  converted state_dict give the same output."""
+@pytest.mark.parametrize('kernel, padding', [((1, 7), (0, 3)), (3, 0)])  # (3, 0): computed padded, then cropped
+def test_conv_bn_mapping_matches_torch(kernel, padding):
+  """A torch conv (asymmetric kernel and padding, or unpadded 3×3) + BatchNorm(eps 0.001) + ReLU and our
+  BasicConv2d with the converted state_dict give the same output."""
   torch.manual_seed(0)
-  conv, bn = torch.nn.Conv2d(4, 6, (1, 7), padding=(0, 3), bias=False), torch.nn.BatchNorm2d(6, eps=0.001)
+  conv, bn = torch.nn.Conv2d(4, 6, kernel, padding=padding, bias=False), torch.nn.BatchNorm2d(6, eps=0.001)
   bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
   bn.bias.data.uniform_(-1, 1)
   bn.eval()
@@ -263,7 +264,7 @@ def test_conv_bn_mapping_matches_torch():
   variables = {'params': {'conv': {'kernel': conv.weight.detach().numpy().transpose(2, 3, 1, 0)},
                          'bn': {'scale': bn.weight.detach().numpy(), 'bias': bn.bias.detach().numpy()}},
                'batch_stats': {'bn': {'mean': bn.running_mean.numpy(), 'var': bn.running_var.numpy()}}}
-  got = inception.BasicConv2d(6, (1, 7), padding=(0, 3)).apply(variables, x.numpy().transpose(0, 2, 3, 1))
+  got = inception.BasicConv2d(6, kernel, padding=padding).apply(variables, x.numpy().transpose(0, 2, 3, 1))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 

@@ -11,7 +11,14 @@ from ddjax import config as config_lib
 from ddjax.validation import ConfigError
 from tests.tiny import REPO, tiny_config, xla_flags
 
-MISSING = object()
+class _Missing:
+  """A key deleted from the config. Its repr is fixed: test ids must be the same in every pytest-xdist worker."""
+
+  def __repr__(self):
+    return 'MISSING'
+
+
+MISSING = _Missing()
 
 # (settings, the key the message must name). Types, ranges, unknown names, incompatible combinations.
 INVALID = [

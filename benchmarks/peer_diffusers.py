@@ -18,16 +18,15 @@ sample, alternating; every JSON line is printed, then the ratios ddjax/peer of i
 """
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from ddjax_run import ddjax_benchmark
+
 NUM_CLASSES = 10
 DDJAX_FLAGS = ['--config', 'configs/cifar10_ddpm.py', '--config.model.ch=64', '--config.model.blocks=res,res,res',
                '--config.model.t_dim=256', '--config.model.c_dim=128', '--config.model.dropout=0.0',
@@ -106,12 +105,8 @@ def peer_sample(batch: int, *, warmup: int, steps: int) -> dict:
 def ddjax(what: str, batch: int, *, warmup: int, steps: int) -> dict:
   """The last stdout line of `python -m ddjax.benchmark` on the matched config."""
   batch_key = 'data.batch_size' if what == 'train' else 'sample.batch_size'
-  command = [sys.executable, '-m', 'ddjax.benchmark', '--what', what, '--data', 'synthetic', '--steps', str(steps),
-             '--warmup', str(warmup), *DDJAX_FLAGS, f'--config.{batch_key}={batch}']
-  completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-  if completed.returncode:
-    sys.exit(f'ddjax.benchmark failed ({completed.returncode}):\n{completed.stderr[-3000:]}')
-  return json.loads(completed.stdout.strip().splitlines()[-1])
+  return ddjax_benchmark(['--what', what, '--data', 'synthetic', '--steps', str(steps), '--warmup', str(warmup),
+                         *DDJAX_FLAGS, f'--config.{batch_key}={batch}'])
 
 
 def main():

@@ -10,16 +10,14 @@ Each round times ddjax, then the peer; the ratios ddjax/peer of images/s are pri
 """
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 from pytorch_fid import inception
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from ddjax_run import ddjax_benchmark
 
 
 def peer_model() -> torch.nn.Module:
@@ -55,12 +53,8 @@ def peer(batch: int, *, warmup: int, steps: int) -> dict:
 
 
 def ddjax(python: str, batch: int, *, warmup: int, steps: int) -> dict:
-  command = [python, '-m', 'ddjax.benchmark', '--what', 'fid', '--config', 'configs/cifar10_ddpm.py',
-             f'--config.eval.batch_size={batch}', '--steps', str(steps), '--warmup', str(warmup)]
-  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-  if done.returncode:
-    sys.exit(f'ddjax.benchmark failed ({done.returncode}):\n{done.stderr[-3000:]}')
-  return json.loads(done.stdout.strip().splitlines()[-1])
+  return ddjax_benchmark(['--what', 'fid', '--config', 'configs/cifar10_ddpm.py', f'--config.eval.batch_size={batch}',
+                          '--steps', str(steps), '--warmup', str(warmup)], python=python)
 
 
 def main():

@@ -18,14 +18,12 @@ sample, alternating; every JSON line is printed, then the ratios ddjax/peer of i
 """
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
-from ddjax_run import ddjax_benchmark
+from side_by_side import ddjax_benchmark, timed
 
 NUM_CLASSES = 10
 DDJAX_FLAGS = ['--config', 'configs/cifar10_ddpm.py', '--config.model.ch=64', '--config.model.blocks=res,res,res',
@@ -42,18 +40,6 @@ def peer_model() -> UNet2DModel:
   return UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
                      block_out_channels=(64, 128, 128, 128), down_block_types=('DownBlock2D',) * 4,
                      up_block_types=('UpBlock2D',) * 4, add_attention=False, num_class_embeds=NUM_CLASSES)
-
-
-def timed(step, *, warmup: int, steps: int) -> float:
-  """The median seconds of `steps` calls of step() after `warmup` untimed ones."""
-  for _ in range(warmup):
-    step()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def result(what: str, seconds: float, *, batch: int, model) -> dict:

@@ -10,14 +10,12 @@ Each round times ddjax, then the peer; the ratios ddjax/peer of images/s are pri
 """
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
 from pytorch_fid import inception
 
-from ddjax_run import ddjax_benchmark
+from side_by_side import ddjax_benchmark, timed
 
 
 def peer_model() -> torch.nn.Module:
@@ -40,14 +38,7 @@ def peer(batch: int, *, warmup: int, steps: int) -> dict:
   def step():
     model(images.float() / 255.0)  # pytorch-fid feeds [0, 1]; the model resizes and scales to [-1, 1]
 
-  for _ in range(warmup):
-    step()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  seconds = statistics.median(times)
+  seconds = timed(step, warmup=warmup, steps=steps)
   return {'what': 'fid', 'framework': f'torch {torch.__version__}', 'images_per_sec': batch / seconds,
           'ms_per_step': 1e3 * seconds, 'batch_size': batch, 'threads': torch.get_num_threads()}
 

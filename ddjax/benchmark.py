@@ -9,13 +9,16 @@ median of `--steps` timed steps after `--warmup` untimed ones, each ended with b
 `device_count`, `batch_size` (global), and
 
 - train: `flops_per_step` (XLA's cost analysis of the compiled step) and `data_wait_fraction` (time in
-  next(batches) / step time, over the real input pipeline, or `--data=synthetic` batches of the same shapes);
+  next(batches) / step time, over the real input pipeline; `--data=mock` runs that pipeline on random images of
+  the dataset's real shapes and dtypes (tfds.testing.mock_data: decode, shuffle, batch, prefetch as for real
+  data) where the dataset is not prepared, `--data=synthetic` bypasses it with batches of the same shapes);
 - sample: `ms_per_network_eval` (one jitted forward of the sampled network at the same batch) and
   `overhead_ratio` = sampler time / (N × that), N the network evaluations of one sample;
 - fid: the FID Inception network (random weights) on uint8 images of the config's size at eval.batch_size.
 
 A timed step that compiles is an error: the figures would time XLA, not the program.
 """
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -45,10 +48,20 @@ def define_flags():
   flags.DEFINE_enum('what', 'train', ['train', 'sample', 'fid'], 'The program to time.')
   flags.DEFINE_integer('steps', 10, 'Timed steps (>= 10 for the reported median).')
   flags.DEFINE_integer('warmup', 2, 'Untimed steps after the first (compiling) one.')
-  flags.DEFINE_enum('data', 'real', ['real', 'synthetic'],
-                    'train input: the real pipeline (ddjax.data) or random batches of its shapes (an unprepared '
-                    'dataset such as cifar10 on a machine without it).')
+  flags.DEFINE_enum('data', 'real', ['real', 'mock', 'synthetic'],
+                    'train input: the real pipeline (ddjax.data); the same pipeline on random images of the '
+                    'dataset\'s shapes (mock: an unprepared dataset such as cifar10 on a machine without it); or '
+                    'random batches that bypass it (synthetic).')
   flags.mark_flags_as_required(['config'])
+
+
+MOCK_EXAMPLES = 4096  # per split: enough that an epoch is many steps, as a real dataset's is
+
+
+def mock_dataset():
+  """tfds.testing.mock_data with random examples of each dataset's features (TensorFlow only when asked for)."""
+  import tensorflow_datasets as tfds
+  return tfds.testing.mock_data(num_examples=MOCK_EXAMPLES)
 
 
 def log(message: str) -> None:
@@ -229,7 +242,8 @@ def main(argv):
     sys.exit(2)
   options = dict(warmup=FLAGS.warmup, steps=FLAGS.steps)
   if FLAGS.what == 'train':
-    result = train(config, synthetic=FLAGS.data == 'synthetic', **options)
+    with mock_dataset() if FLAGS.data == 'mock' else contextlib.nullcontext():
+      result = train(config, synthetic=FLAGS.data == 'synthetic', **options)
   elif FLAGS.what == 'sample':
     result = sample(config, **options)
   else:

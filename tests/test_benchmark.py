@@ -43,7 +43,7 @@ def test_sample_cli_prints_json_last(tmp_path):
   assert set(result) == COMMON | {'ms_per_network_eval', 'overhead_ratio'}
   check_common(result, 'sample', TINY['sample.batch_size'])
   assert result['ms_per_network_eval'] > 0 and math.isfinite(result['overhead_ratio'])
-  assert result['overhead_ratio'] > 0.5  # 5 guided steps cannot cost less than ~5 unguided forwards
+  assert result['overhead_ratio'] > 0.5  # 5 guided steps cannot cost less than ~5 guided forwards
   assert '[benchmark]' in completed.stderr and '[benchmark]' not in completed.stdout
 
 

@@ -221,10 +221,20 @@ def sampling_timesteps(config):
   return schedules.spaced_timesteps(config.diffusion.num_timesteps, num_steps=num_steps, step_size=sample.step_size)
 
 
-def network_at_random_steps(model, num_timesteps, params, x_t, labels, rng):
-  """The network once on x_t at random timesteps (benchmarks time this against the sampler)."""
-  t = jax.random.randint(rng, (x_t.shape[0],), 0, num_timesteps)
-  return model.apply({'params': params}, x_t, t, labels, train=False)
+def network_at_random_steps(config, model, params, x_t, labels, rng):
+  """One network evaluation of the sampler on x_t at random timesteps: with classifier-free guidance the batched
+  conditional + null forward at 2B that each guided step makes (benchmarks time this against the sampler)."""
+  t = jax.random.randint(rng, (x_t.shape[0],), 0, config.diffusion.num_timesteps)
+  model_fn = lambda x, t, y: model.apply({'params': params}, x, t, y, train=False)
+  if guided(config):
+    model_fn = samplers.classifier_free_guidance(model_fn, guidance=config.sample.guidance,
+                                                 num_classes=config.data.num_classes,
+                                                 mean_channels=config.data.num_channels)
+  return model_fn(x_t, t, labels)
+
+
+def guided(config) -> bool:
+  return bool(config.data.num_classes) and config.sample.guidance > 0
 
 
 def describe_sampler(config) -> str:
@@ -264,6 +274,6 @@ def build(config) -> Method:
       learning_rates=lambda n: {'learning_rate': float(learning_rate(n))},
       sampler=describe_sampler(config),
       parameter_counts=lambda params: {config.model.name: count_params(params)},
-      network_fn=functools.partial(network_at_random_steps, model, config.diffusion.num_timesteps),
+      network_fn=functools.partial(network_at_random_steps, config, model),
       network_evals=len(sampling_timesteps(config)),
       nll_fn=make_nll_fn(config, model, schedule))

@@ -32,6 +32,15 @@ def test_train_over_the_real_pipeline(tmp_path):
   assert result['flops_per_step'] > 0 and 0 <= result['data_wait_fraction'] < 1
 
 
+def test_train_over_the_pipeline_on_mock_images_of_an_unprepared_dataset():
+  """--data=mock: cifar10 is not prepared here; the same pipeline reads tfds.testing.mock_data's random images."""
+  config = tiny_config(None, **{'data.dataset': 'cifar10', 'data.num_channels': 3, 'data.num_classes': 10})
+  with benchmark.mock_dataset():
+    result = benchmark.train(config, warmup=0, steps=3, synthetic=False)
+  check_common(result, 'train', TINY['data.batch_size'])
+  assert 0 <= result['data_wait_fraction'] < 1
+
+
 def test_sample_cli_prints_json_last(tmp_path):
   flags = [f'--config.{key}={value}' for key, value in TINY.items()]
   completed = subprocess.run(

@@ -29,6 +29,7 @@ import time
 
 import jax
 import numpy as np
+import tensorflow_datasets as tfds
 from absl import app, flags, logging
 from jax._src.interpreters import pxla
 from ml_collections import config_flags
@@ -59,8 +60,7 @@ MOCK_EXAMPLES = 4096  # per split: enough that an epoch is many steps, as a real
 
 
 def mock_dataset():
-  """tfds.testing.mock_data with random examples of each dataset's features (TensorFlow only when asked for)."""
-  import tensorflow_datasets as tfds
+  """tfds.testing.mock_data with random examples of each dataset's features."""
   return tfds.testing.mock_data(num_examples=MOCK_EXAMPLES)
 
 

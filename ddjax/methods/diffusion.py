@@ -226,15 +226,11 @@ def network_at_random_steps(config, model, params, x_t, labels, rng):
   conditional + null forward at 2B that each guided step makes (benchmarks time this against the sampler)."""
   t = jax.random.randint(rng, (x_t.shape[0],), 0, config.diffusion.num_timesteps)
   model_fn = lambda x, t, y: model.apply({'params': params}, x, t, y, train=False)
-  if guided(config):
+  if config.data.num_classes and config.sample.guidance > 0:  # as samplers.sample guides
     model_fn = samplers.classifier_free_guidance(model_fn, guidance=config.sample.guidance,
                                                  num_classes=config.data.num_classes,
                                                  mean_channels=config.data.num_channels)
   return model_fn(x_t, t, labels)
-
-
-def guided(config) -> bool:
-  return bool(config.data.num_classes) and config.sample.guidance > 0
 
 
 def describe_sampler(config) -> str:

@@ -9,7 +9,7 @@ import pytest
 
 from ddjax import models
 from ddjax.config import load_config_module
-from ddjax.models import unet
+from ddjax.models import normalization, unet
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
 IMAGENET64 = ['res_conv', 'res', 'res_res', 'res_res_atn', 'res_large']
@@ -116,19 +116,31 @@ def test_helpers():
   assert [unet.largest_divisor(c, 32) for c in (16, 48, 128, 192, 24)] == [16, 24, 32, 32, 24]
   emb = unet.timestep_embedding(jnp.array([0, 10]), 8)
   np.testing.assert_allclose(emb[0], [1, 1, 1, 1, 0, 0, 0, 0])
+  x = jnp.arange(2 * 3 * 5 * 2, dtype=jnp.float32).reshape(2, 3, 5, 2)
+  np.testing.assert_array_equal(unet.upsample_nearest(x), jax.image.resize(x, (2, 6, 10, 2), 'nearest'))
 
 
 @pytest.mark.parametrize('dtype, tolerance', [(jnp.float32, 3e-6), (jnp.bfloat16, 8e-3)])
-def test_group_norm_is_flax_group_norm(dtype, tolerance):
-  """unet.GroupNorm (per-channel sums first, for XLA:CPU) has nn.GroupNorm's parameters and results."""
+@pytest.mark.parametrize('affine', [True, False])
+def test_group_norm_is_flax_group_norm(dtype, tolerance, affine):
+  """normalization.GroupNorm (per-channel sums first, a written-out gradient, for XLA:CPU) has nn.GroupNorm's
+  parameters, results and gradients (of the input, scale and bias)."""
   x = jnp.asarray(np.random.default_rng(0).normal(1.0, 2.0, (3, 8, 8, 96)), dtype)
-  variables = {'params': {'scale': jnp.linspace(0.5, 2, 96), 'bias': jnp.linspace(-1, 1, 96)}}
-  ours, flax_norm = unet.GroupNorm(num_groups=32, dtype=dtype), nn.GroupNorm(num_groups=32, dtype=dtype)
+  params = {'scale': jnp.linspace(0.5, 2, 96), 'bias': jnp.linspace(-1, 1, 96)} if affine else {}
+  ours = normalization.GroupNorm(num_groups=32, dtype=dtype, affine=affine)
+  flax_norm = nn.GroupNorm(num_groups=32, dtype=dtype, use_scale=affine, use_bias=affine)
   assert (jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x))
           == jax.tree.map(jnp.shape, flax_norm.init(jax.random.key(0), x)))
-  out, expected = ours.apply(variables, x), flax_norm.apply(variables, x)
+  cotangent = jnp.asarray(np.random.default_rng(1).normal(size=x.shape), dtype)
+  (out, ours_vjp), (expected, flax_vjp) = (jax.vjp(lambda p, x: norm.apply({'params': p}, x), params, x)
+                                           for norm in (ours, flax_norm))
   assert out.dtype == expected.dtype == dtype
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected, np.float32), atol=tolerance)
+  ours_grads, flax_grads = ours_vjp(cotangent), flax_vjp(cotangent)
+  assert jax.tree.structure(ours_grads) == jax.tree.structure(flax_grads)
+  for got, want in zip(jax.tree.leaves(ours_grads), jax.tree.leaves(flax_grads)):
+    want = np.asarray(want, np.float32)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=tolerance * np.abs(want).max())
 
 
 @pytest.mark.parametrize('key, value, match', [

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ddjax.models.normalization import GroupNorm
+
 FIR_KERNEL = (1, 3, 3, 1)
 
 
@@ -77,8 +79,7 @@ def fir_upsample(x, taps=FIR_KERNEL):
 
 def group_norm(x, dtype, affine: bool = True):
   """score_sde's GroupNorm: min(C/4, 32) groups, ε = 1e-6."""
-  return nn.GroupNorm(num_groups=min(x.shape[-1] // 4, 32), epsilon=1e-6, use_bias=affine, use_scale=affine,
-                      dtype=dtype)(x)
+  return GroupNorm(num_groups=min(x.shape[-1] // 4, 32), dtype=dtype, affine=affine)(x)
 
 
 def conv(features: int, size: int, dtype, scale: float = 1.0, **kwargs):

@@ -1,0 +1,88 @@
+"""GroupNorm as both networks use it: nn.GroupNorm's math, parameters and names, shaped for XLA:CPU.
+
+Flax reduces [B,H,W,G,C/G] over (H, W, C/G), which XLA:CPU runs as two slow strided reductions per norm (17% of a
+32×32 U-Net's forward, 18 ms vs 0.3 ms at 8×32×32×64 with groups of 2); here the sums are taken per channel over
+H, W first (the contiguous channel axis stays minor) and then per group. The gradient is written out (a
+custom VJP) as one pass of two per-channel sums and one elementwise pass, where autodiff of the forward makes
+several: 7.0 against 10.2–10.7 ms for GroupNorm + SiLU forward and backward at 32×32×32×64.
+"""
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def _group_stats(x, num_groups: int, epsilon: float):
+  """Each channel's group mean and 1/√(variance + ε), [B, C]; variance as E[x²] − E[x]², as Flax's."""
+  b, h, w, c = x.shape
+  group_size = c // num_groups
+
+  def group_mean(channel_sums):  # [B, C] -> each channel's group mean, [B, C]
+    means = channel_sums.reshape(b, num_groups, group_size).sum(-1) / (h * w * group_size)
+    return jnp.repeat(means, group_size, axis=-1)
+
+  mean = group_mean(jnp.sum(x, axis=(1, 2)))
+  variance = jnp.maximum(0.0, group_mean(jnp.sum(jnp.square(x), axis=(1, 2))) - jnp.square(mean))
+  return mean, jax.lax.rsqrt(variance + epsilon)
+
+
+def _normalize(x, scale, bias, mean, inv_std):
+  a = inv_std * scale
+  return x * a[:, None, None] + (bias - mean * a)[:, None, None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def group_norm(x, scale, bias, num_groups: int, epsilon: float):
+  """(x − μ_g)/√(σ²_g + ε)·scale + bias over NHWC float32 x, μ_g and σ²_g over each example's group of
+  C/num_groups channels and all pixels."""
+  return _normalize(x, scale, bias, *_group_stats(x, num_groups, epsilon))
+
+
+def _group_norm_forward(x, scale, bias, num_groups, epsilon):
+  mean, inv_std = _group_stats(x, num_groups, epsilon)
+  return _normalize(x, scale, bias, mean, inv_std), (x, scale, mean, inv_std)
+
+
+def _group_norm_backward(num_groups, epsilon, residuals, dy):
+  """With x̂ = (x − μ)·r and g = dy·scale: dx = r·(g − mean_group(g) − x̂·mean_group(g·x̂)), which is
+  dy·(r·scale) + x·(−r²·m₂) + (r²·m₂·μ − r·m₁) with m₁, m₂ those group means; all that is needed of dy
+  are its per-channel sums Σ dy and Σ dy·x."""
+  del epsilon
+  x, scale, mean, inv_std = residuals
+  b, h, w, c = x.shape
+  group_size = c // num_groups
+  sum_dy = jnp.sum(dy, axis=(1, 2))                                    # [B, C]
+  sum_dy_xhat = inv_std * (jnp.sum(dy * x, axis=(1, 2)) - mean * sum_dy)
+
+  def group_mean(per_channel):  # Σ over a group's channels of per-channel pixel sums / its element count
+    means = per_channel.reshape(b, num_groups, group_size).sum(-1) / (h * w * group_size)
+    return jnp.repeat(means, group_size, axis=-1)
+
+  m1, m2 = group_mean(scale * sum_dy), group_mean(scale * sum_dy_xhat)
+  slope = -jnp.square(inv_std) * m2
+  dx = dy * (inv_std * scale)[:, None, None] + x * slope[:, None, None] + (-slope * mean - inv_std * m1)[:, None, None]
+  return dx, jnp.sum(sum_dy_xhat, axis=0), jnp.sum(sum_dy, axis=0)
+
+
+group_norm.defvjp(_group_norm_forward, _group_norm_backward)
+
+
+class GroupNorm(nn.Module):
+  """nn.GroupNorm's parameters and names (scale, bias; none when `affine` is False) and its results to float32
+  rounding (another summation order); statistics in float32 whatever the dtype."""
+  num_groups: int
+  dtype: Any = jnp.float32
+  epsilon: float = 1e-6
+  affine: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    if self.affine:
+      scale = self.param('scale', nn.initializers.ones, (c,))
+      bias = self.param('bias', nn.initializers.zeros, (c,))
+    else:
+      scale, bias = jnp.ones((c,)), jnp.zeros((c,))
+    return group_norm(x.astype(jnp.float32), scale, bias, self.num_groups, self.epsilon).astype(self.dtype)

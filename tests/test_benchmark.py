@@ -105,3 +105,12 @@ def test_gpu_script_searches_batches_until_one_fails(monkeypatch, capsys):
   table = capsys.readouterr().out
   assert 'device: NVIDIA H100 80GB HBM3; MFU against 989 TFLOP/s' in table
   assert table.count('train largest (256; 384: out of memory)') == 2 and '10.1%' in table  # 1e12 / 10 ms / 989e12
+
+
+def test_default_xla_flags_are_added_unless_the_user_set_them():
+  """Importing ddjax adds its DEFAULT_XLA_FLAGS to XLA_FLAGS and keeps the user's own value of any of them."""
+  user = '--xla_force_host_platform_device_count=2 --xla_cpu_experimental_ynn_fusion_type=reduce'
+  flags = subprocess.run([sys.executable, '-c', 'import os, ddjax; print(os.environ["XLA_FLAGS"])'], cwd=REPO,
+                         env={'XLA_FLAGS': user, 'PATH': ''}, capture_output=True, text=True, check=True).stdout.split()
+  assert flags[:2] == user.split()
+  assert flags[2:] == ['--xla_gpu_enable_latency_hiding_scheduler=true']

@@ -158,13 +158,10 @@ def init_state_fn(config, generator, discriminator, optimizers):
 # ----------------------------------------------------------------------------------------------------------------
 
 def train_step(state: TrainState, batch, *, generator, discriminator, optimizers, schedule, nz, r1_gamma,
-               lazy_reg, num_classes, ema_decay, r1_by_cond=True, axis_name=None):
+               lazy_reg, num_classes, ema_decay, axis_name=None):
   """One DDGAN iteration: an Adam step of D on real and fake pairs (+ R1 on the real ones when step % lazy_reg
-  is 0), then an Adam step of G against the updated D on fresh pairs, then the EMA of G.
-
-  `r1_by_cond` computes the penalty under a lax.cond, on its steps only; False computes it every step and
-  keeps it on its steps, for XLA:CPU, which runs a conditional's body ~20× slower than the same ops outside one
-  (the penalty cost 2 s of a 0.6 s step of digits_ddgan there, against 0.1 s outside).
+  is 0, its double backward under a lax.cond so that the other steps skip it), then an Adam step of G against the
+  updated D on fresh pairs, then the EMA of G.
 
   Per-example keys (base.example_keys) draw t, the pair noises, z and the posterior noise, so the numbers do not
   depend on the device count (the discriminator's minibatch-stddev groups consecutive examples, so a per-device
@@ -211,12 +208,7 @@ def train_step(state: TrainState, batch, *, generator, discriminator, optimizers
     return jnp.float32(0.0), jax.tree.map(jnp.zeros_like, d_params)
 
   d_grads, d_terms = jax.grad(d_loss_fn, has_aux=True)(d_params)
-  regularise = state.step % lazy_reg == 0
-  if r1_by_cond:  # the penalty's double backward only on the steps that use it
-    d_terms['r1'], r1_grads = jax.lax.cond(regularise, jax.value_and_grad(r1_fn), no_r1, d_params)
-  else:  # computed every step and kept on those steps: the same numbers
-    d_terms['r1'], r1_grads = jax.tree.map(lambda a, b: jnp.where(regularise, a, b),
-                                           jax.value_and_grad(r1_fn)(d_params), no_r1(d_params))
+  d_terms['r1'], r1_grads = jax.lax.cond(state.step % lazy_reg == 0, jax.value_and_grad(r1_fn), no_r1, d_params)
   d_grads = mean(jax.tree.map(jnp.add, d_grads, r1_grads))
   d_updates, d_opt_state = optimizers['discriminator'].update(d_grads, state.opt_state['discriminator'], d_params)
   d_params = optax.apply_updates(d_params, d_updates)
@@ -279,8 +271,7 @@ def build(config) -> Method:
   step = functools.partial(
       train_step, generator=generator, discriminator=discriminator, optimizers=optimizers,
       schedule=schedules.make_schedule(betas), nz=gan.nz, r1_gamma=gan.r1_gamma, lazy_reg=gan.lazy_reg,
-      num_classes=config.data.num_classes, ema_decay=config.train.ema_decay,
-      r1_by_cond=jax.default_backend() != 'cpu')
+      num_classes=config.data.num_classes, ema_decay=config.train.ema_decay)
   return Method(
       init_state=init_state_fn(config, generator, discriminator, optimizers),
       train_step=step,

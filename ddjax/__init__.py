@@ -5,7 +5,7 @@ import os
 # when the first backend starts, so importing ddjax before using JAX is enough; each backend reads only its own.
 DEFAULT_XLA_FLAGS = {
     # XLA:CPU hands each convolution to YNNPACK by default ('individual_convolution' among its library fusions),
-    # whose kernels run a 3×3 convolution's forward at about half and its weight gradient at about a fifth of
+    # whose kernels run a 3×3 convolution's forward at about half and its weight gradient at about a quarter of
     # the rate of XLA's own Eigen ones: dots and reductions stay on YNNPACK, convolutions go to Eigen (the
     # matched U-Net's train step 2.8 → 1.6 s, the FID network 8.8 → 17.8 images/s; README, Performance).
     'xla_cpu_experimental_ynn_fusion_type': 'individual_dot,reduce',

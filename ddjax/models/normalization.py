@@ -14,17 +14,21 @@ import jax
 import jax.numpy as jnp
 
 
+def _group_mean(channel_sums, num_groups: int, pixels: int):
+  """[B, C] sums over `pixels` pixels per channel -> each channel's group mean (over the group's channels and
+  those pixels), [B, C]."""
+  b, c = channel_sums.shape
+  group_size = c // num_groups
+  means = channel_sums.reshape(b, num_groups, group_size).sum(-1) / (pixels * group_size)
+  return jnp.repeat(means, group_size, axis=-1)
+
+
 def _group_stats(x, num_groups: int, epsilon: float):
   """Each channel's group mean and 1/√(variance + ε), [B, C]; variance as E[x²] − E[x]², as Flax's."""
-  b, h, w, c = x.shape
-  group_size = c // num_groups
-
-  def group_mean(channel_sums):  # [B, C] -> each channel's group mean, [B, C]
-    means = channel_sums.reshape(b, num_groups, group_size).sum(-1) / (h * w * group_size)
-    return jnp.repeat(means, group_size, axis=-1)
-
-  mean = group_mean(jnp.sum(x, axis=(1, 2)))
-  variance = jnp.maximum(0.0, group_mean(jnp.sum(jnp.square(x), axis=(1, 2))) - jnp.square(mean))
+  pixels = x.shape[1] * x.shape[2]
+  mean = _group_mean(jnp.sum(x, axis=(1, 2)), num_groups, pixels)
+  variance = jnp.maximum(0.0, _group_mean(jnp.sum(jnp.square(x), axis=(1, 2)), num_groups, pixels)
+                         - jnp.square(mean))
   return mean, jax.lax.rsqrt(variance + epsilon)
 
 
@@ -51,16 +55,10 @@ def _group_norm_backward(num_groups, epsilon, residuals, dy):
   are its per-channel sums Σ dy and Σ dy·x."""
   del epsilon
   x, scale, mean, inv_std = residuals
-  b, h, w, c = x.shape
-  group_size = c // num_groups
+  pixels = x.shape[1] * x.shape[2]
   sum_dy = jnp.sum(dy, axis=(1, 2))                                    # [B, C]
   sum_dy_xhat = inv_std * (jnp.sum(dy * x, axis=(1, 2)) - mean * sum_dy)
-
-  def group_mean(per_channel):  # Σ over a group's channels of per-channel pixel sums / its element count
-    means = per_channel.reshape(b, num_groups, group_size).sum(-1) / (h * w * group_size)
-    return jnp.repeat(means, group_size, axis=-1)
-
-  m1, m2 = group_mean(scale * sum_dy), group_mean(scale * sum_dy_xhat)
+  m1, m2 = (_group_mean(scale * sums, num_groups, pixels) for sums in (sum_dy, sum_dy_xhat))
   slope = -jnp.square(inv_std) * m2
   dx = dy * (inv_std * scale)[:, None, None] + x * slope[:, None, None] + (-slope * mean - inv_std * m1)[:, None, None]
   return dx, jnp.sum(sum_dy_xhat, axis=0), jnp.sum(sum_dy, axis=0)

@@ -36,8 +36,8 @@ def get_config():
   gan.r1_gamma = 0.05
   gan.lazy_reg = 15
   # D 40x faster than G: with G at 3e-4 or more, G undoes each direction D finds and D's logits lose their spread
-  # over inputs within 100-300 steps; against G at 1e-4, FD at 6,000 steps fell from 33 to 18 to 11 as lr_d went
-  # from 1e-3 to 2e-3 to 4e-3 (README).
+  # over inputs within 100-300 steps; against G at 1e-4, FD at 6,000 steps was 33 at lr_d 1e-3, 18 at 2e-3, 11 and
+  # 23 in two runs at 4e-3; at 8e-3 D diverges early (FD 118) (README).
   gan.lr_g = 1e-4
   gan.lr_d = 4e-3
   gan.beta1 = 0.5

@@ -16,11 +16,15 @@ import jax.numpy as jnp
 
 def _group_mean(channel_sums, num_groups: int, pixels: int):
   """[B, C] sums over `pixels` pixels per channel -> each channel's group mean (over the group's channels and
-  those pixels), [B, C]."""
-  b, c = channel_sums.shape
-  group_size = c // num_groups
-  means = channel_sums.reshape(b, num_groups, group_size).sum(-1) / (pixels * group_size)
-  return jnp.repeat(means, group_size, axis=-1)
+  those pixels), [B, C].
+
+  A product with a block-diagonal averaging matrix rather than a reshape, sum and repeat: XLA:CPU fuses a repeat
+  into the elementwise pass that consumes it, which then gathers its coefficients per element (1.42 against 0.78
+  ms for the normalise + SiLU pass at 32×32×32×64); a dot's result is computed once."""
+  c = channel_sums.shape[-1]
+  group = jnp.arange(c) // (c // num_groups)
+  averaging = (group[:, None] == group[None, :]).astype(jnp.float32) / (pixels * (c // num_groups))
+  return jnp.dot(channel_sums, averaging, precision=jax.lax.Precision.HIGHEST)
 
 
 def _group_stats(x, num_groups: int, epsilon: float):

@@ -23,8 +23,9 @@ def _group_mean(channel_sums, num_groups: int, pixels: int):
   into the elementwise pass that consumes it, which then gathers its coefficients per element (1.42 against 0.78
   ms for the normalise + SiLU pass at 32×32×32×64); a dot's result is computed once."""
   c = channel_sums.shape[-1]
-  group = jnp.arange(c) // (c // num_groups)
-  averaging = (group[:, None] == group[None, :]).astype(jnp.float32) / (pixels * (c // num_groups))
+  group_size = c // num_groups
+  group = jnp.arange(c) // group_size
+  averaging = (group[:, None] == group[None, :]).astype(jnp.float32) / (pixels * group_size)
   return jnp.dot(channel_sums, averaging, precision=jax.lax.Precision.HIGHEST)
 
 

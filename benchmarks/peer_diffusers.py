@@ -1,14 +1,17 @@
 """ddjax against its PyTorch peer, side by side in one run: diffusers' UNet2DModel + AdamW, and its DDIMScheduler.
 
   pip install -e '.[bench]'     # diffusers and torch, never needed by ddjax itself
-  python benchmarks/peer_diffusers.py [--rounds 2] [--what train|sample|both] [--train_batch 32] [--sample_batch 8]
+  python benchmarks/peer_diffusers.py [--rounds 2] [--what train|sample|both] [--ch 64] [--train_batch 32]
+      [--sample_batch 8]
 
-The pair, both class-conditional (10 classes) at 32×32×3, eps-prediction, linear β over T = 1000, no attention:
-- ddjax: configs/cifar10_ddpm.py with ch 64, ch_mult (1, 2, 2, 2) (widths 64/128/128/128), blocks 'res,res,res'
-  (3 res blocks per level down and up, and 3 in the middle), t_dim 256, c_dim 128, dropout 0: 8.82M parameters.
+The pair, both class-conditional (10 classes) at 32×32×3, eps-prediction, linear β over T = 1000, no attention,
+widths ch·(1, 2, 2, 2) over 32, 16, 8, 4 px (DDPM's ch_mult; its CIFAR-10 network has ch 128):
+- ddjax: configs/cifar10_ddpm.py with blocks 'res,res,res' (3 res blocks per level down and up, and 3 in the
+  middle), t_dim 4·ch, c_dim 2·ch, dropout 0: 8.82M parameters at ch 64, 35.2M at ch 128.
 - diffusers: UNet2DModel with the same widths, layers_per_block 2 (2 res blocks down, 3 up per level, the up
-  ones fed by a skip each), a 2-res-block middle without attention, class embedding: 8.56M parameters (−3%).
-  It does ~24% more FLOPs per forward (2.86 vs 2.30 GFLOP per image): its up blocks convolve the skip concat.
+  ones fed by a skip each), a 2-res-block middle without attention, class embedding: 8.56M parameters at ch 64
+  (−3%), 34.2M at ch 128. It does ~24% more FLOPs per forward (2.86 vs 2.30 GFLOP per image at ch 64): its up
+  blocks convolve the skip concat.
 The seed U-Net's attention runs at every level (no 16×16-only attention), so neither side has any.
 Train step: eps MSE, AdamW, grad-norm clip 1, EMA of the weights (ddjax: inside its compiled step; here a
 torch._foreach_lerp_). Sampling: 50-step deterministic DDIM (leading spacing 980, 960, …, 0, x0 clipped).
@@ -26,8 +29,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from side_by_side import ddjax_benchmark, timed
 
 NUM_CLASSES = 10
-DDJAX_FLAGS = ['--config', 'configs/cifar10_ddpm.py', '--config.model.ch=64', '--config.model.blocks=res,res,res',
-               '--config.model.t_dim=256', '--config.model.c_dim=128', '--config.model.dropout=0.0',
+DDJAX_FLAGS = ['--config', 'configs/cifar10_ddpm.py', '--config.model.blocks=res,res,res', '--config.model.dropout=0.0',
                f'--config.data.num_classes={NUM_CLASSES}', '--config.diffusion.variance=fixed_small',
                '--config.sample.sampler=ddim', '--config.sample.num_steps=50', '--config.sample.clip_x0=True']
 
@@ -36,9 +38,9 @@ def log(message: str) -> None:
   print(f'[peer] {message}', file=sys.stderr, flush=True)
 
 
-def peer_model() -> UNet2DModel:
+def peer_model(ch: int) -> UNet2DModel:
   return UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
-                     block_out_channels=(64, 128, 128, 128), down_block_types=('DownBlock2D',) * 4,
+                     block_out_channels=(ch, 2 * ch, 2 * ch, 2 * ch), down_block_types=('DownBlock2D',) * 4,
                      up_block_types=('UpBlock2D',) * 4, add_attention=False, num_class_embeds=NUM_CLASSES)
 
 
@@ -48,10 +50,10 @@ def result(what: str, seconds: float, *, batch: int, model) -> dict:
           'batch_size': batch, 'threads': torch.get_num_threads()}
 
 
-def peer_train(batch: int, *, warmup: int, steps: int) -> dict:
+def peer_train(ch: int, batch: int, *, warmup: int, steps: int) -> dict:
   """AdamW on the eps MSE at uniform t, grad-norm clip 1, EMA 0.9999: the work of ddjax's train step."""
   torch.manual_seed(0)
-  model, noise = peer_model().train(), DDPMScheduler(num_train_timesteps=1000)
+  model, noise = peer_model(ch).train(), DDPMScheduler(num_train_timesteps=1000)
   optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0.0)
   params = list(model.parameters())
   ema = [p.detach().clone() for p in params]
@@ -71,10 +73,10 @@ def peer_train(batch: int, *, warmup: int, steps: int) -> dict:
   return result('train', timed(step, warmup=warmup, steps=steps), batch=batch, model=model)
 
 
-def peer_sample(batch: int, *, warmup: int, steps: int) -> dict:
+def peer_sample(ch: int, batch: int, *, warmup: int, steps: int) -> dict:
   """A 50-step DDIM loop (η = 0) from pure noise, one batch of `batch` per step."""
   torch.manual_seed(0)
-  model = peer_model().eval()
+  model = peer_model(ch).eval()
   scheduler = DDIMScheduler(num_train_timesteps=1000)
   scheduler.set_timesteps(50)
   labels = torch.randint(0, NUM_CLASSES, (batch,))
@@ -88,17 +90,19 @@ def peer_sample(batch: int, *, warmup: int, steps: int) -> dict:
   return result('sample', timed(step, warmup=warmup, steps=steps), batch=batch, model=model)
 
 
-def ddjax(what: str, batch: int, *, warmup: int, steps: int) -> dict:
+def ddjax(what: str, ch: int, batch: int, *, warmup: int, steps: int) -> dict:
   """The last stdout line of `python -m ddjax.benchmark` on the matched config."""
   batch_key = 'data.batch_size' if what == 'train' else 'sample.batch_size'
   return ddjax_benchmark(['--what', what, '--data', 'synthetic', '--steps', str(steps), '--warmup', str(warmup),
-                         *DDJAX_FLAGS, f'--config.{batch_key}={batch}'])
+                         *DDJAX_FLAGS, f'--config.model.ch={ch}', f'--config.model.t_dim={4 * ch}',
+                         f'--config.model.c_dim={2 * ch}', f'--config.{batch_key}={batch}'])
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--rounds', type=int, default=2, help='alternating ddjax/peer rounds')
   parser.add_argument('--what', choices=('train', 'sample', 'both'), default='both')
+  parser.add_argument('--ch', type=int, default=64, help='the first level\'s width (DDPM\'s CIFAR-10 network: 128)')
   parser.add_argument('--train_batch', type=int, default=32)
   parser.add_argument('--sample_batch', type=int, default=8)
   parser.add_argument('--train_steps', type=int, default=10, help='timed train steps per run')
@@ -112,9 +116,9 @@ def main():
   for round_index in range(args.rounds):
     for what, batch, steps in runs:
       log(f'round {round_index + 1}: ddjax {what}')
-      ours = ddjax(what, batch, warmup=args.warmup, steps=steps)
+      ours = ddjax(what, args.ch, batch, warmup=args.warmup, steps=steps)
       log(f'round {round_index + 1}: peer {what}')
-      peer = (peer_train if what == 'train' else peer_sample)(batch, warmup=args.warmup, steps=steps)
+      peer = (peer_train if what == 'train' else peer_sample)(args.ch, batch, warmup=args.warmup, steps=steps)
       print(json.dumps({'side': 'ddjax', **ours}), flush=True)
       print(json.dumps({'side': 'peer', **peer}), flush=True)
       ratios[what].append(ours['images_per_sec'] / peer['images_per_sec'])

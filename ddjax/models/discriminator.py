@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ddjax.models.conv import Conv
 from ddjax.models.ncsnpp import dense_init, fir_downsample, positional_embedding
 
 STDDEV_GROUP = 4
@@ -58,13 +59,13 @@ class DownBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, t_emb):
-    h = nn.Conv(self.features, (3, 3), kernel_init=dense_init(), dtype=self.dtype)(leaky_relu(x))
+    h = Conv(self.features, (3, 3), kernel_init=dense_init(), dtype=self.dtype)(leaky_relu(x))
     h = h + nn.Dense(self.features, kernel_init=dense_init(), dtype=self.dtype)(t_emb)[:, None, None, :]
     h = leaky_relu(h)
     if self.downsample:
       h, x = fir_downsample(h), fir_downsample(x)
-    h = nn.Conv(self.features, (3, 3), kernel_init=dense_init(0.0), dtype=self.dtype)(h)
-    skip = nn.Conv(self.features, (1, 1), use_bias=False, kernel_init=dense_init(), dtype=self.dtype)(x)
+    h = Conv(self.features, (3, 3), kernel_init=dense_init(0.0), dtype=self.dtype)(h)
+    skip = Conv(self.features, (1, 1), use_bias=False, kernel_init=dense_init(), dtype=self.dtype)(x)
     return (h + skip) / math.sqrt(2.0)
 
 
@@ -94,12 +95,12 @@ class _Discriminator(nn.Module):
     t_emb = leaky_relu(t_emb)
 
     h = jnp.concatenate([x_prev, x_t], axis=-1).astype(self.dtype)
-    h = nn.Conv(2 * self.ngf, (1, 1), kernel_init=dense_init(), dtype=self.dtype)(h)
+    h = Conv(2 * self.ngf, (1, 1), kernel_init=dense_init(), dtype=self.dtype)(h)
     for mult, downsample in self.layout:
       h = DownBlock(mult * self.ngf, downsample, self.dtype)(h, t_emb)
 
     h = minibatch_stddev(h)
-    h = nn.Conv(8 * self.ngf, (3, 3), kernel_init=dense_init(self.final_init_scale), dtype=self.dtype)(h)
+    h = Conv(8 * self.ngf, (3, 3), kernel_init=dense_init(self.final_init_scale), dtype=self.dtype)(h)
     # Summed in float32: up to 32x32 bf16 terms would accumulate their rounding.
     h = jnp.sum(leaky_relu(h).astype(jnp.float32), axis=(1, 2))
     logits = nn.Dense(1, kernel_init=dense_init(), dtype=self.dtype)(h)[:, 0]

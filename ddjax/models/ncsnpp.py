@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ddjax.models.conv import Conv
 from ddjax.models.normalization import GroupNorm
 
 FIR_KERNEL = (1, 3, 3, 1)
@@ -83,8 +84,8 @@ def group_norm(x, dtype, affine: bool = True):
 
 
 def conv(features: int, size: int, dtype, scale: float = 1.0, **kwargs):
-  """nn.Conv (stride 1, 'SAME' unless kwargs say otherwise) with score_sde's init and a zero bias."""
-  return nn.Conv(features, (size, size), kernel_init=default_init(scale), dtype=dtype, **kwargs)
+  """Conv (stride 1, 'SAME' unless kwargs say otherwise) with score_sde's init and a zero bias."""
+  return Conv(features, (size, size), kernel_init=default_init(scale), dtype=dtype, **kwargs)
 
 
 def num_resolutions_ok(image_size: int, ch_mult) -> bool:

@@ -56,7 +56,7 @@ def get_config():
 
   config.train = train = ml_collections.ConfigDict()
   # Samples improve while the cosine lowers the rates: three 6,000-step runs scored FD 11-29 (confident share
-  # 0.65-0.73), three seeds of 9,000 steps 8.7-20.7 (0.76-0.78); 11:43-11:48 wall on an idle 2-core CPU (README).
+  # 0.65-0.73), four runs of 9,000 steps 8.7-20.7 (0.76-0.78); 11:43-13:58 wall on idle 2-core CPUs (README).
   train.num_steps = 9000
   train.grad_accum_steps = 1
   train.ema_decay = 0.999

@@ -217,7 +217,7 @@ def test_minibatch_stddev_batch_must_fill_groups():
     discriminator.minibatch_stddev(jnp.zeros((6, 2, 2, 1)))
 
 
-# ---- convolutions with canonical gradients (ddjax.models.conv) ----
+# ---- convolutions with canonical gradients (ddjax.models.conv, in every network) ----
 
 def lax_conv(x, w, padding):
   return jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
@@ -248,14 +248,15 @@ def test_conv_values_and_gradients_to_second_order_are_lax(size, kernel, padding
 
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason="XLA:CPU's convolution layouts")
-def test_conv_gradients_under_cond_are_canonical():
-  """XLA:CPU's layout pass does not reach a lax.cond branch, where lax's own weight gradient stays non-canonical
-  (a naive loop nest, ~25x slower); ddjax's convolutions, first and second order, are all NHWC/HWIO there."""
+@pytest.mark.parametrize('container', ['cond', 'scan'])
+def test_conv_gradients_in_cond_and_scan_are_canonical(container):
+  """XLA:CPU's layout pass does not reach a lax.cond branch or a loop body (DDGAN's lazy R1, gradient
+  accumulation), where lax's own weight gradient stays non-canonical, a naive loop nest ~25x slower; ddjax's
+  convolutions, first and second order, are all NHWC/HWIO there."""
   x, w = jnp.ones((4, 8, 8, 3)), jnp.ones((3, 3, 3, 5))
-
-  def dim_labels(fn):
-    r1 = lambda w: jnp.sum(jax.grad(lambda x: jnp.sum(jnp.tanh(fn(x, w, 'SAME'))))(x) ** 2)
-    program = jax.jit(lambda p, w: jax.lax.cond(p, jax.grad(r1), jnp.zeros_like, w))
-    return set(re.findall(r'dim_labels=([\w>-]+)', program.lower(True, w).compile().as_text()))
-
-  assert dim_labels(ddjax_conv) == {'b01f_01io->b01f'}
+  r1 = lambda w: jnp.sum(jax.grad(lambda x: jnp.sum(jnp.tanh(ddjax_conv(x, w, 'SAME'))))(x) ** 2)
+  if container == 'cond':
+    program = jax.jit(lambda w: jax.lax.cond(jnp.sum(w) > 0, jax.grad(r1), jnp.zeros_like, w))
+  else:
+    program = jax.jit(lambda w: jax.lax.scan(lambda total, _: (total + jax.grad(r1)(w), None), w, length=2)[0])
+  assert set(re.findall(r'dim_labels=([\w>-]+)', program.lower(w).compile().as_text())) == {'b01f_01io->b01f'}

@@ -1,19 +1,21 @@
-"""Convolutions whose gradients of every order are convolutions XLA:CPU runs well, for the DDGAN networks.
+"""Convolutions whose gradients of every order are convolutions XLA:CPU runs well.
 
 XLA:CPU runs a convolution on its fast Eigen kernel only in the canonical layout (NHWC input, HWIO kernel, NHWC
 output, no window reversal); a pass rewrites the others into that layout with transposes, but it does not reach
-convolutions inside a `lax.cond` or loop body, nor ones whose operands the simplifier swapped (a kernel larger
-than its input), and those fall to a naive loop nest. Autodiff emits exactly such convolutions for a weight
-gradient and for the gradient of a small image, so DDGAN's lazy R1 (a double backward of D under `lax.cond`) ran
-350 ms of such loops per R1 step, and D's 2×2 level 1.5 ms per convolution, against ~0.1 ms canonical. Minimal
-case: the weight gradient of a 3×3 conv on [64, 8, 8, 16] takes 0.9 ms jitted and 23 ms inside `lax.cond` or a
-one-trip `fori_loop` (jax 0.10.2; README, Performance).
+convolutions inside a `lax.cond` branch or a loop body, nor ones whose operands the simplifier swapped (a kernel
+larger than its input), and those fall to a naive loop nest. Autodiff emits exactly such convolutions for a
+weight gradient and for the gradient of a small image. Minimal case: the weight gradient of a 3×3 conv on
+[64, 8, 8, 16] takes 0.9 ms jitted and 23 ms inside `lax.cond` or a one-trip `fori_loop` (jax 0.10.2). So
+DDGAN's lazy R1 (a double backward of D under `lax.cond`) took 454 ms per R1 step, D's 2×2 level 1.5 ms per
+convolution, and the diffusion step with `train.grad_accum_steps` 2 (micro-batches in a `lax.scan`) 30× its
+single-batch time (README, Performance).
 
-`conv_general_dilated` here is a drop-in for `lax.conv_general_dilated` (`nn.Conv(...,
-conv_general_dilated=...)`, parameters unchanged) that, for the stride-1 NHWC/HWIO convolutions these networks
-use, defines its own gradient as canonical convolutions (recursively, so the double backward is canonical too),
-and computes a convolution whose kernel covers more positions than its input as patches times a matrix. Other
-convolutions go to lax unchanged.
+`conv_general_dilated` here is a drop-in for `lax.conv_general_dilated` (`Conv` below: nn.Conv with it, the
+parameters unchanged) that, on the CPU backend and for stride-1 2-D NHWC/HWIO convolutions, defines its own
+gradient as canonical convolutions (recursively, so a double backward is canonical too), and computes a
+convolution whose kernel covers more positions than its image as patches times a matrix. Other convolutions, and
+every convolution on GPU and TPU (whose XLA maps autodiff's gradient convolutions onto cuDNN's and its own
+backward kernels), go to lax unchanged.
 """
 import functools
 
@@ -32,9 +34,10 @@ def _is_one(values) -> bool:
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
                          preferred_element_type=None):
-  """lax.conv_general_dilated, with canonical gradients for 2-D stride-1 NHWC/HWIO convolutions."""
-  simple = (lhs.ndim == 4 and _is_one(window_strides) and _is_one(lhs_dilation) and _is_one(rhs_dilation)
-            and feature_group_count == 1 and batch_group_count == 1 and preferred_element_type is None
+  """lax.conv_general_dilated, with canonical gradients for 2-D stride-1 NHWC/HWIO convolutions on a CPU."""
+  simple = (jax.default_backend() == 'cpu' and lhs.ndim == 4 and _is_one(window_strides)
+            and _is_one(lhs_dilation) and _is_one(rhs_dilation) and feature_group_count == 1
+            and batch_group_count == 1 and preferred_element_type is None
             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC)
   if not simple:
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,

@@ -11,6 +11,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ddjax.models.conv import Conv
 from ddjax.models.normalization import GroupNorm
 
 zeros = nn.initializers.zeros
@@ -54,14 +55,14 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x, t_emb, c_emb, train):
     c = x.shape[-1]
-    h = nn.Conv(c, (3, 3), dtype=self.dtype)(nn.silu(group_norm(x, self.dtype)))
+    h = Conv(c, (3, 3), dtype=self.dtype)(nn.silu(group_norm(x, self.dtype)))
     cond = nn.Dense(c, dtype=self.dtype)(nn.silu(t_emb))
     if c_emb is not None:
       cond = cond + nn.Dense(c, dtype=self.dtype)(nn.silu(c_emb))
     h = h + cond[:, None, None, :]
     h = nn.silu(group_norm(h, self.dtype))
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
-    return x + nn.Conv(c, (3, 3), kernel_init=zeros, dtype=self.dtype)(h)
+    return x + Conv(c, (3, 3), kernel_init=zeros, dtype=self.dtype)(h)
 
 
 class ConvNeXtBlock(nn.Module):
@@ -71,7 +72,7 @@ class ConvNeXtBlock(nn.Module):
   @nn.compact
   def __call__(self, x, t_emb, c_emb, train):
     c = x.shape[-1]
-    h = nn.Conv(c, (7, 7), feature_group_count=c, dtype=self.dtype)(x)
+    h = Conv(c, (7, 7), feature_group_count=c, dtype=self.dtype)(x)
     h = nn.LayerNorm(dtype=self.dtype)(h)
     h = h + nn.Dense(c, dtype=self.dtype)(nn.silu(t_emb))[:, None, None, :]
     h = nn.gelu(nn.Dense(4 * c, dtype=self.dtype)(h))
@@ -105,7 +106,7 @@ class PatchAttention(nn.Module):
     b, h, w, c = x.shape
     # p must divide H so that unpatchify restores the exact shape.
     p = largest_divisor(h, max(1, h // self.attn_resolution))
-    tokens = nn.Conv(c, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype)(x)
+    tokens = Conv(c, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype)(x)
     grid = tokens.shape[1:3]
     tokens = tokens.reshape(b, grid[0] * grid[1], c)
     tokens = tokens + self.param('pos_emb', nn.initializers.normal(0.02), (1, tokens.shape[1], c))
@@ -126,7 +127,7 @@ class ChannelAttention(nn.Module):
   def __call__(self, x, t_emb, c_emb, train):
     k = eca_kernel_size(x.shape[-1])
     pooled = jnp.mean(x, axis=(1, 2))[..., None]  # [B, C, 1]: channels become the 1D conv's length axis
-    gate = nn.Conv(1, (k,), use_bias=False, dtype=self.dtype)(pooled)[..., 0]
+    gate = Conv(1, (k,), use_bias=False, dtype=self.dtype)(pooled)[..., 0]
     return x * nn.sigmoid(gate)[:, None, None, :]
 
 
@@ -190,24 +191,24 @@ class UNet(nn.Module):
     if self.num_classes:
       c_emb = nn.Embed(self.num_classes + 1, self.c_dim, dtype=self.dtype)(labels)
 
-    x = nn.Conv(self.width(0), (3, 3), dtype=self.dtype)(x_t.astype(self.dtype))
+    x = Conv(self.width(0), (3, 3), dtype=self.dtype)(x_t.astype(self.dtype))
     skips = []
     for level in range(self.num_levels):
       x = self.apply_blocks(x, t_emb, c_emb, train, f'down{level}')
       skips.append(x)
       if level < self.num_levels - 1:
-        x = nn.Conv(self.width(level + 1), (3, 3), strides=(2, 2), dtype=self.dtype)(x)
+        x = Conv(self.width(level + 1), (3, 3), strides=(2, 2), dtype=self.dtype)(x)
 
     x = self.apply_blocks(x, t_emb, c_emb, train, 'mid')
 
     for level in reversed(range(self.num_levels)):
       x = jnp.concatenate([x, skips.pop()], axis=-1)
-      x = nn.Conv(self.width(level), (1, 1), dtype=self.dtype)(x)
+      x = Conv(self.width(level), (1, 1), dtype=self.dtype)(x)
       x = self.apply_blocks(x, t_emb, c_emb, train, f'up{level}')
       if level > 0:
         x = upsample_nearest(x)
-        x = nn.Conv(self.width(level - 1), (3, 3), dtype=self.dtype)(x)
+        x = Conv(self.width(level - 1), (3, 3), dtype=self.dtype)(x)
 
     x = nn.silu(group_norm(x, self.dtype))
-    x = nn.Conv(self.out_channels, (3, 3), kernel_init=zeros, dtype=self.dtype)(x)
+    x = Conv(self.out_channels, (3, 3), kernel_init=zeros, dtype=self.dtype)(x)
     return x.astype(jnp.float32)

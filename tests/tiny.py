@@ -19,11 +19,12 @@ TINY = {
 
 
 # DDGAN on 8×8 digits: T=4, a 2-level NCSN++ of width 16, global batch 32 (4 per device on 8 fake devices, one
-# minibatch-stddev group each), R1 every 2 steps so that both branches of the discriminator step run. Rates fixed
-# here (not the digits default's): the 8- vs 1-device tolerances of test_ddgan were measured with them.
+# minibatch-stddev group each), R1 every 2 steps so that both branches of the discriminator step run. Rates and R1
+# weight fixed here (not the digits default's): the 8- vs 1-device tolerances of test_ddgan were measured with them.
 TINY_DDGAN = {
     'data.batch_size': 32, 'model.ch': 16, 'model.ch_mult': (1, 2), 'model.num_res_blocks': 1, 'gan.nz': 8,
-    'gan.z_emb_dim': 16, 'gan.n_mlp': 1, 'gan.d_ch': 8, 'gan.lazy_reg': 2, 'gan.lr_g': 5e-4, 'gan.lr_d': 4e-4,
+    'gan.z_emb_dim': 16, 'gan.n_mlp': 1, 'gan.d_ch': 8, 'gan.lazy_reg': 2, 'gan.r1_gamma': 0.05,
+    'gan.lr_g': 5e-4, 'gan.lr_d': 4e-4,
     'train.num_steps': 4, 'train.log_every': 2, 'train.checkpoint_every': 2, 'train.sample_every': 4,
     'sample.num_samples': 16, 'sample.batch_size': 16,
 }

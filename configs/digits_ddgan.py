@@ -33,7 +33,7 @@ def get_config():
   gan.n_mlp = 2
   gan.discriminator = 'small'
   gan.d_ch = 8  # the discriminator's ngf
-  # R1 at 50x the paper's CIFAR-10 value, for a D that learns 40x faster than G (below): at 9,000 steps four runs
+  # R1 at 50x the paper's CIFAR-10 value, for a D that learns 40x faster than G (below): at 9,000 steps five runs
   # at 1.0 scored FD 10.3-16.4 (recall 0.86-0.93), four at 0.05 scored 8.7-20.7 (recall 0.76-0.86) (README).
   gan.r1_gamma = 1.0
   gan.lazy_reg = 15
@@ -58,7 +58,7 @@ def get_config():
 
   config.train = train = ml_collections.ConfigDict()
   # Samples improve while the cosine lowers the rates: three 6,000-step runs scored FD 11-29 (confident share
-  # 0.65-0.73), eight runs of 9,000 steps 8.7-20.7 (0.76-0.78); 11:43-13:58 wall on idle 2-core CPUs (README).
+  # 0.65-0.73), nine runs of 9,000 steps 8.7-20.7 (0.75-0.78); 11:43-14:40 wall on idle 2-core CPUs (README).
   train.num_steps = 9000
   train.grad_accum_steps = 1
   train.ema_decay = 0.999

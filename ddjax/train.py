@@ -1,11 +1,13 @@
 """Training: `train_and_evaluate`, the one loop for every method (ddjax.methods), and its helpers."""
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -157,6 +159,42 @@ def check_resume_config(config, saved: dict, abstract_state) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The compiled programs, kept for the next run in this process
+# ----------------------------------------------------------------------------------------------------------------
+
+# Keys that only the loop reads (no method, network or sampler does): runs that differ in nothing else, such as a
+# run and its resume to more steps, use the same programs.
+LOOP_KEYS = ('data.data_dir', 'train.num_steps', 'train.log_every', 'train.checkpoint_every', 'train.sample_every',
+             'train.keep_checkpoints')
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+  """A config's method with its train step and sampler mapped over every device."""
+  method: methods.Method
+  mapper: parallel.DataParallel
+  step_fn: Callable      # (replicated state, sharded batch) -> (state, metrics), donating the state
+  generate_fn: Callable  # generate.make_generate_fn of the method's sampler
+
+
+_latest_programs: dict[str, Programs] = {}
+
+
+def programs(config) -> Programs:
+  """The Programs of `config`, built anew only when the previous call's config differed outside LOOP_KEYS: a second
+  run in the same process (a resume, a longer run, a notebook's rerun) traces and compiles nothing again. Only the
+  newest are kept, so a process that trains many configs does not accumulate executables."""
+  key = json.dumps({k: v for k, v in workdir_lib.flat_config(config).items() if k not in LOOP_KEYS}, sort_keys=True)
+  if key not in _latest_programs:
+    method = methods.build(config)
+    mapper = parallel.DataParallel.create(config.parallel.mode)
+    _latest_programs.clear()
+    _latest_programs[key] = Programs(method, mapper, mapper.map(method.train_step),
+                                     generate.make_generate_fn(method.sample_fn, mapper.mesh))
+  return _latest_programs[key]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # train_and_evaluate
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -183,8 +221,8 @@ def _train(config, workdir: str, sigterm: threading.Event):
   else:  # a fresh start (or a workdir from before config.json): this is the config its checkpoints continue
     workdir_lib.write_config(workdir, config)
 
-  method = methods.build(config)
-  mapper = parallel.DataParallel.create(config.parallel.mode)
+  built = programs(config)
+  method, mapper, step_fn, generate_fn = built.method, built.mapper, built.step_fn, built.generate_fn
   log = MetricLog(workdir)
   num_steps = config.train.num_steps
 
@@ -201,8 +239,6 @@ def _train(config, workdir: str, sigterm: threading.Event):
           f'{config.parallel.mode}); global batch {config.data.batch_size}')
 
   batches = parallel.prefetch(data.create_dataset(config, start_step=start_step), mapper.shard_batch)
-  step_fn = mapper.map(method.train_step)
-  generate_fn = generate.make_generate_fn(method.sample_fn, mapper.mesh)
   replicated = mapper.replicate(state)
 
   # -- Loop. --------------------------------------------------------------------------------------------------

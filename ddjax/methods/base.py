@@ -1,6 +1,7 @@
 """What every training method shares and supplies: the one TrainState, the `Method` interface the loop uses, and
 the EMA and per-example randomness both methods' steps are built from."""
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -43,10 +44,15 @@ class Method:
 
   def initial_state(self) -> TrainState:
     """The initial state, computed as one compiled program (run op by op, a network's init compiles hundreds of
-    small programs) built with XLA's backend optimisations off: it runs once, and LLVM optimising a network's
-    hundred random initialisers costs ~30 s of a CPU start-up against ~4 s. Every leaf is its own buffer (the
-    EMA too): the step donates the state, and one buffer cannot be donated twice."""
-    return jax.jit(self.init_state).lower().compile(compiler_options=INIT_COMPILER_OPTIONS)()
+    small programs) built with XLA's backend optimisations off: it runs once per run, and LLVM optimising a
+    network's hundred random initialisers costs ~30 s of a CPU start-up against ~4 s. Every leaf is its own buffer
+    (the EMA too): the step donates the state, and one buffer cannot be donated twice."""
+    return self._compiled_init()
+
+  @functools.cached_property
+  def _compiled_init(self):
+    """Compiled on first use and kept with the Method, so a second run with it compiles nothing."""
+    return jax.jit(self.init_state).lower().compile(compiler_options=INIT_COMPILER_OPTIONS)
 
   def abstract_state(self) -> TrainState:
     """The TrainState's shapes and dtypes, computed without initialising anything: a restore template."""

@@ -17,13 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax._src.interpreters import pxla
 
 from ddjax import data, methods, parallel, schedules, train
 from ddjax.methods import diffusion as diffusion_method
 from ddjax.models import create_model
 from ddjax.validation import ConfigError
-from tests.tiny import logged, restore_state, run_main, run_processes, tiny_config
+from tests.tiny import compilations, logged, restore_state, run_main, run_processes, tiny_config
 
 STEPS = 20
 RUN = {'train.num_steps': STEPS, 'train.log_every': 1, 'train.checkpoint_every': 10, 'train.sample_every': 0,
@@ -137,11 +136,6 @@ def setup(data_dir):
   schedule = schedules.make_schedule(schedules.get_betas('cosine', 50))
   batches = data.create_dataset(config)
   return config, model, tx, state, schedule, [next(batches) for _ in range(3)]
-
-
-def compilations() -> int:
-  """XLA compilations so far: the misses of JAX's executable cache (jit, pmap and shard_map all go through it)."""
-  return pxla._cached_compilation.cache_info().misses
 
 
 @pytest.mark.parametrize('mode', ['pmap', 'shard_map'])

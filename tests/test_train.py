@@ -2,6 +2,7 @@
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ import tensorflow_datasets as tfds
 from ddjax import checkpoint, config as config_lib, methods, sample, train
 from ddjax.methods import diffusion as diffusion_method
 from ddjax.validation import ConfigError
-from tests.tiny import REPO, tiny_config, xla_flags
+from tests.tiny import REPO, compilations, tiny_config, xla_flags
 
 
 @pytest.fixture(scope='module')
@@ -42,6 +43,18 @@ def test_train_writes_metrics_checkpoints_samples(trained):
   assert sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))) == [2, 4, 6]
   assert sorted(os.listdir(os.path.join(workdir, 'samples'))) == ['step_0000004.png', 'step_0000006.png']
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir))
+
+
+def test_a_second_run_in_the_same_process_compiles_nothing(trained, data_dir, tmp_path):
+  """train.programs: a run that differs from the previous one only in loop keys (here a resume to more steps)
+  reuses its compiled init, train step and sampler."""
+  shutil.copytree(trained[0], tmp_path, dirs_exist_ok=True)
+  train.train_and_evaluate(tiny_config(data_dir, **{'train.num_steps': 8}), str(tmp_path))  # other tests ran since
+  before = compilations()
+  state = train.train_and_evaluate(tiny_config(data_dir, **{'train.num_steps': 10, 'train.log_every': 1}),
+                                   str(tmp_path))
+  assert int(state.step) == 10 and compilations() == before
+  assert sorted(os.listdir(tmp_path / 'samples'))[-2:] == ['step_0000008.png', 'step_0000010.png']
 
 
 def test_checkpoint_restores_same_params(trained, data_dir):

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+from jax._src.interpreters import pxla
+
 from configs import digits as digits_config, digits_ddgan as digits_ddgan_config
 from ddjax import checkpoint, methods
 
@@ -76,6 +78,12 @@ def run_processes(num_processes, devices, workdir, data_dir=None, *, timeout=600
                          *main_args(workdir, data_dir, **overrides)], cwd=REPO,
                         env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True,
                         timeout=timeout)
+
+
+def compilations() -> int:
+  """XLA compilations so far in this process: the misses of JAX's executable cache (jit, pmap and shard_map all go
+  through it)."""
+  return pxla._cached_compilation.cache_info().misses
 
 
 def logged(workdir, key='loss'):

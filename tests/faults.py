@@ -26,7 +26,9 @@ from orbax.checkpoint.path import atomicity
 from ddjax import checkpoint, data, main
 
 
-def inject(fault: str, at_step: int):
+def inject(fault: str, at_step: int, patch=setattr):
+  """Injects `fault` at `at_step` by patch(owner, name, replacement) (a test passes monkeypatch.setattr, which undoes
+  it afterwards)."""
   if fault == 'kill_at_step':
     managers = []
     save, create_dataset = checkpoint.save, data.create_dataset
@@ -43,7 +45,8 @@ def inject(fault: str, at_step: int):
           os.kill(os.getpid(), signal.SIGKILL)
         yield batch
 
-    checkpoint.save, data.create_dataset = remembering_save, killing_dataset
+    patch(checkpoint, 'save', remembering_save)
+    patch(data, 'create_dataset', killing_dataset)
   elif fault in ('kill_in_save', 'disk_full'):
     finalize = atomicity.AtomicRenameTemporaryPath.finalize
 
@@ -54,7 +57,7 @@ def inject(fault: str, at_step: int):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
       return await finalize(self, *args, **kwargs)
 
-    atomicity.AtomicRenameTemporaryPath.finalize = failing_finalize
+    patch(atomicity.AtomicRenameTemporaryPath, 'finalize', failing_finalize)
   elif fault == 'nan_batch':
     create_dataset = data.create_dataset
 
@@ -62,7 +65,7 @@ def inject(fault: str, at_step: int):
       for step, batch in enumerate(create_dataset(config, start_step=start_step, **kwargs), start_step + 1):
         yield dict(batch, image=np.full_like(batch['image'], np.nan)) if step == at_step else batch
 
-    data.create_dataset = with_nan_batch
+    patch(data, 'create_dataset', with_nan_batch)
   elif fault == 'sigterm_at_step':
     create_dataset = data.create_dataset
 
@@ -72,7 +75,7 @@ def inject(fault: str, at_step: int):
           os.kill(os.getpid(), signal.SIGTERM)
         yield batch
 
-    data.create_dataset = preempting_dataset
+    patch(data, 'create_dataset', preempting_dataset)
   else:
     raise ValueError(f'unknown fault {fault!r}')
 

@@ -3,8 +3,9 @@ corrupt checkpoints, a non-finite loss, a full disk, a busy or unwritable workdi
 
 Every run that survives a fault must end bitwise identical to one straight 40-step run (`straight`): same
 parameters, EMA, optimizer state, RNG, and the same loss at every step (the same data order). Faults are injected
-by tests/faults.py. The subprocesses share the session's persistent XLA compilation cache (tests/conftest.py), so
-only the first one compiles.
+by tests/faults.py. A run whose process a fault kills, or that must run beside another, is a process of its own
+(sharing the session's persistent XLA compilation cache, tests/conftest.py); the others run the CLI in this
+process (tests.tiny.run_cli), where they share one compiled train step.
 """
 import json
 import os
@@ -19,7 +20,8 @@ import numpy as np
 import pytest
 
 from ddjax import checkpoint
-from tests.tiny import REPO, TINY, logged, restore_state, tiny_config, xla_flags
+from tests import faults
+from tests.tiny import REPO, TINY, logged, restore_state, run_cli, tiny_config, xla_flags
 
 STEPS = 40
 RUN = {'train.num_steps': STEPS, 'train.log_every': 1, 'train.checkpoint_every': 10, 'train.sample_every': 0,
@@ -29,14 +31,22 @@ TMP = '.orbax-checkpoint-tmp'
 
 @pytest.fixture(scope='module')
 def cli(tmp_path_factory):
-  """cli(workdir, *args, fault=(name, step), popen=False, **overrides): the tiny config through the real CLI."""
+  """cli(workdir, *args, fault=(name, step), process=False, popen=False, **overrides): the tiny config through the
+  real CLI, in this process (tests.tiny.run_cli), or in a process of its own when the fault kills it (process=True)
+  or it runs beside this one (popen=True: the Popen)."""
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   env = dict(os.environ, XLA_FLAGS=xla_flags(1))
 
-  def run(workdir, *args, fault=(), popen=False, **overrides):
-    program = ['-m', 'tests.faults', *map(str, fault)] if fault else ['-m', 'ddjax.main']
+  def run(workdir, *args, fault=(), process=False, popen=False, **overrides):
     flags = [f'--config.{k}={v}' for k, v in {**TINY, **RUN, 'data.data_dir': data_dir, **overrides}.items()]
-    command = [sys.executable, *program, '--config', 'configs/digits.py', '--workdir', str(workdir), *flags, *args]
+    arguments = ['--config', 'configs/digits.py', '--workdir', str(workdir), *flags, *args]
+    if not (process or popen):
+      with pytest.MonkeyPatch.context() as patches:
+        if fault:
+          faults.inject(*fault, patch=patches.setattr)
+        return run_cli(arguments)
+    program = ['-m', 'tests.faults', *map(str, fault)] if fault else ['-m', 'ddjax.main']
+    command = [sys.executable, *program, *arguments]
     if popen:
       return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -92,11 +102,11 @@ def copy_of(workdir, tmp_path):
 
 def test_sigkill_after_checkpoint_and_during_save_resume_bitwise_identical(cli, straight, tmp_path):
   # SIGKILL at step 25, training going on past checkpoint 20: the steps after 20 are lost, nothing else.
-  killed = cli(tmp_path, fault=('kill_at_step', 25))
+  killed = cli(tmp_path, fault=('kill_at_step', 25), process=True)
   assert killed.returncode == -signal.SIGKILL
   assert checkpoint_dirs(tmp_path) == ['10', '20'] and max(logged(tmp_path)) > 20
   # Resumed (the dead run's lock died with it), then SIGKILLed while checkpoint 30 is committed: a torn save.
-  torn = cli(tmp_path, fault=('kill_in_save', 30))
+  torn = cli(tmp_path, fault=('kill_in_save', 30), process=True)
   assert torn.returncode == -signal.SIGKILL
   assert f'resumed from {tmp_path}/checkpoints at step 20' in torn.stdout
   assert checkpoint_dirs(tmp_path) == ['10', '20', '30' + TMP]

@@ -1,8 +1,11 @@
 """The tiny training config shared by the end-to-end tests, in-process and through the real CLI."""
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+import unittest.mock
 
 from jax._src.interpreters import pxla
 
@@ -69,6 +72,25 @@ def run_main(workdir, data_dir=None, *, devices=1, extra_args=(), env=None, time
   environment = dict(os.environ, XLA_FLAGS=xla_flags(devices), **(env or {}))
   return subprocess.run([sys.executable, '-m', 'ddjax.main', *main_args(workdir, data_dir, **overrides),
                          *extra_args], cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+def run_cli(args) -> subprocess.CompletedProcess:
+  """`python -m ddjax.main *args` run in this process: the CLI's own flag parsing, error handling, exit status and
+  output, without a new process's imports and compilations (ddjax.train keeps the last run's programs). For runs
+  that need no process of their own, as a signal, a device count or a second workdir lock holder do."""
+  from ddjax import main  # defines its absl flags: imported only by the tests that use it
+  stdout, stderr, status = io.StringIO(), io.StringIO(), 0
+  argv = ['ddjax.main', *map(str, args)]
+  main.FLAGS.unparse_flags()  # every flag back to its default, as in a new process ...
+  for name in [name for name in main.FLAGS if name.startswith('config.')]:
+    delattr(main.FLAGS, name)  # ... and the last run's --config.<key> override flags gone
+  with (contextlib.chdir(REPO), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr),
+        unittest.mock.patch.object(sys, 'argv', argv)):  # the --config.<key> flags are defined from sys.argv
+    try:
+      main.main(main.parse_flags(argv))
+    except SystemExit as exit:
+      status = exit.code
+  return subprocess.CompletedProcess(args, status, stdout.getvalue(), stderr.getvalue())
 
 
 def run_processes(num_processes, devices, workdir, data_dir=None, *, timeout=600, **overrides):

@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 from ddjax import checkpoint, evaluate, fid, generate, methods, parallel
 from ddjax.validation import ConfigError
 from tests.test_fid import FEATURE_BATCH, OFFLINE, fake_inception, random_state_dict, save_torch
-from tests.tiny import run_main, tiny_config
+from tests.tiny import main_args, run_main_in_process, tiny_config
 
 
 @pytest.fixture(scope='module')
@@ -79,14 +79,14 @@ def test_eval_reference_is_checked_first(trained, data_dir, eval_files, referenc
     evaluate.evaluate(eval_config(data_dir, weights, reference), trained)
 
 
-def test_missing_weights_is_one_line_and_exit_1(trained, data_dir, tmp_path):
+def test_missing_weights_is_one_line_and_exit_1(trained, data_dir, tmp_path, monkeypatch):
   home = tmp_path / 'home'
   home.mkdir()
-  result = run_main(trained, data_dir, extra_args=['--mode', 'eval', '--config.eval.metrics=inception'],
-                    env={'HOME': str(home), **OFFLINE},
-                    timeout=120)
+  for name, value in {'HOME': str(home), **OFFLINE}.items():
+    monkeypatch.setenv(name, value)
+  result = run_main_in_process([*main_args(trained, data_dir), '--mode', 'eval', '--config.eval.metrics=inception'])
   assert result.returncode == 1, result.stderr
-  # The last line, and the only one of ddjax (TensorFlow may log its start-up before it).
+  # The last line, and the only one of ddjax.
   errors = [line for line in result.stderr.splitlines() if line.startswith('ddjax: ')]
   assert errors == result.stderr.strip().splitlines()[-1:] and 'Traceback' not in result.stderr, result.stderr
   assert fid.WEIGHTS_URL in errors[0] and str(home / '.cache' / 'ddjax' / fid.WEIGHTS_FILE) in errors[0]

@@ -40,10 +40,8 @@ def reference(data_dir, tmp_path_factory):
   """1 device: 20 steps (checkpoints 10, 20), then resumed to 24 in the same workdir."""
   workdir = tmp_path_factory.mktemp('one_device')
   train.train_and_evaluate(tiny_config(data_dir, **RUN), str(workdir))
-  at_20 = tmp_path_factory.mktemp('one_device_at_20')
-  shutil.copytree(workdir / 'checkpoints' / '20', at_20 / 'checkpoints' / '20')
   final = train.train_and_evaluate(tiny_config(data_dir, **{**RUN, 'train.num_steps': 24}), str(workdir))
-  return workdir, at_20, final
+  return workdir, final
 
 
 def relative_distance(got, want) -> float:
@@ -85,13 +83,13 @@ def test_checkpoint_moves_from_eight_devices_to_one(eight_devices, reference, da
   _, workdir = eight_devices
   shutil.copytree(workdir / 'checkpoints' / str(STEPS), tmp_path / 'checkpoints' / str(STEPS))
   resumed = train.train_and_evaluate(tiny_config(data_dir, **{**RUN, 'train.num_steps': 24}), str(tmp_path))
-  assert_close_states(resumed, reference[2])
+  assert_close_states(resumed, reference[1])
 
 
 def test_two_processes_resume_a_one_device_checkpoint_and_match_one(reference, data_dir, tmp_path):
   """Two jax.distributed processes resume the 1-device run's checkpoint 10 (process 0 picks the step, every
-  process restores it) and continue to 20 as the 1-device run did."""
-  workdir, _, _ = reference
+  process restores it) and continue to 20 as the 1-device run did: a checkpoint moves from 1 device to 4."""
+  workdir, _ = reference
   shutil.copytree(workdir / 'checkpoints' / '10', tmp_path / 'checkpoints' / '10')
   shutil.copy(workdir / 'config.json', tmp_path / 'config.json')
   result = run_processes(2, 2, tmp_path, data_dir, **{**RUN, 'parallel.mode': 'shard_map', 'train.sample_every': 10})
@@ -106,14 +104,6 @@ def test_two_processes_resume_a_one_device_checkpoint_and_match_one(reference, d
   assert sorted(os.listdir(tmp_path / 'samples')) == ['step_0000020.png']
   config = tiny_config(data_dir, **RUN)
   assert_close_states(restore_state(tmp_path, config, STEPS), restore_state(workdir, config, STEPS))
-
-
-def test_checkpoint_moves_from_one_device_to_eight(reference, data_dir):
-  _, at_20, final = reference
-  result = run_main(at_20, data_dir, devices=8, **{**RUN, 'parallel.mode': 'shard_map', 'train.num_steps': 24})
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert 'resumed from' in result.stdout and 'at step 20' in result.stdout
-  assert_close_states(restore_state(at_20, tiny_config(data_dir, **RUN), 24), final)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ Every run that survives a fault must end bitwise identical to one straight 40-st
 parameters, EMA, optimizer state, RNG, and the same loss at every step (the same data order). Faults are injected
 by tests/faults.py. A run whose process a fault kills, or that must run beside another, is a process of its own
 (sharing the session's persistent XLA compilation cache, tests/conftest.py); the others run the CLI in this
-process (tests.tiny.run_cli), where they share one compiled train step.
+process (tests.tiny.run_main_in_process), where they share one compiled train step.
 """
 import json
 import os
@@ -21,7 +21,7 @@ import pytest
 
 from ddjax import checkpoint
 from tests import faults
-from tests.tiny import REPO, TINY, logged, restore_state, run_cli, tiny_config, xla_flags
+from tests.tiny import REPO, TINY, logged, restore_state, run_main_in_process, tiny_config, xla_flags
 
 STEPS = 40
 RUN = {'train.num_steps': STEPS, 'train.log_every': 1, 'train.checkpoint_every': 10, 'train.sample_every': 0,
@@ -32,8 +32,8 @@ TMP = '.orbax-checkpoint-tmp'
 @pytest.fixture(scope='module')
 def cli(tmp_path_factory):
   """cli(workdir, *args, fault=(name, step), process=False, popen=False, **overrides): the tiny config through the
-  real CLI, in this process (tests.tiny.run_cli), or in a process of its own when the fault kills it (process=True)
-  or it runs beside this one (popen=True: the Popen)."""
+  real CLI, in this process (tests.tiny.run_main_in_process), or in a process of its own when the fault kills it
+  (process=True) or it runs beside this one (popen=True: the Popen)."""
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   env = dict(os.environ, XLA_FLAGS=xla_flags(1))
 
@@ -44,7 +44,7 @@ def cli(tmp_path_factory):
       with pytest.MonkeyPatch.context() as patches:
         if fault:
           faults.inject(*fault, patch=patches.setattr)
-        return run_cli(arguments)
+        return run_main_in_process(arguments)
     program = ['-m', 'tests.faults', *map(str, fault)] if fault else ['-m', 'ddjax.main']
     command = [sys.executable, *program, *arguments]
     if popen:

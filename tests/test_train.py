@@ -126,11 +126,6 @@ def test_cli_batch_not_divisible_by_devices_exits_2(tmp_path):
   assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))
 
 
-def test_cli_sample_without_checkpoint_fails_clearly(tmp_path):
-  result = run_cli(['--workdir', str(tmp_path), '--mode', 'sample'])
-  assert result.returncode == 1 and 'no checkpoint in' in result.stderr
-
-
 def test_workdir_keeps_its_config_and_resume_refuses_structure_or_data_order_changes(trained, data_dir):
   workdir, _, _ = trained
   saved = json.load(open(os.path.join(workdir, 'config.json')))

@@ -74,7 +74,7 @@ def run_main(workdir, data_dir=None, *, devices=1, extra_args=(), env=None, time
                          *extra_args], cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout)
 
 
-def run_cli(args) -> subprocess.CompletedProcess:
+def run_main_in_process(args) -> subprocess.CompletedProcess:
   """`python -m ddjax.main *args` run in this process: the CLI's own flag parsing, error handling, exit status and
   output, without a new process's imports and compilations (ddjax.train keeps the last run's programs). For runs
   that need no process of their own, as a signal, a device count or a second workdir lock holder do."""

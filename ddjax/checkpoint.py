@@ -57,6 +57,21 @@ def create_manager(workdir: str, *, keep: int = 3, read_only: bool = False) -> o
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')), options=options)
 
 
+@contextlib.contextmanager
+def opened(workdir: str, **options):
+  """create_manager(workdir, **options), closed (its saves waited for, its threads ended) when the block ends. When
+  the block raises, that error is the one reported, not one of closing."""
+  manager = create_manager(workdir, **options)
+  try:
+    yield manager
+  except BaseException:
+    with contextlib.suppress(Exception):
+      manager.close()
+    raise
+  with _save_errors(manager):
+    manager.close()
+
+
 def _crc32(state) -> int:
   """CRC32 of every array's bytes, in tree order."""
   crc = 0

@@ -8,8 +8,8 @@ from ddjax import checkpoint, config as config_lib, fid, generate, methods, para
 
 def load_ema_params(config, workdir: str, step: int | None = None):
   """(EMA params, step) of the checkpoint at `step` (newest when None); restored into an abstract template."""
-  manager = checkpoint.create_manager(workdir, read_only=True)
-  state = checkpoint.restore(manager, methods.abstract_state(config), step)
+  with checkpoint.opened(workdir, read_only=True) as manager:
+    state = checkpoint.restore(manager, methods.abstract_state(config), step)
   return state.ema_params, int(state.step)
 
 

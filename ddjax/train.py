@@ -206,14 +206,14 @@ def train_and_evaluate(config, workdir: str):
   WorkdirError, CheckpointError or DatasetNotFoundError, each with a one-line message.
   """
   config_lib.validate(config)  # before anything is written, built or compiled
-  with workdir_lib.lock(workdir, warn=console), sigterm_flag() as sigterm:
-    return _train(config, workdir, sigterm)
+  with (workdir_lib.lock(workdir, warn=console), sigterm_flag() as sigterm,
+        checkpoint.opened(workdir, keep=config.train.keep_checkpoints) as manager):
+    return _train(config, workdir, manager, sigterm)
 
 
-def _train(config, workdir: str, sigterm: threading.Event):
+def _train(config, workdir: str, manager, sigterm: threading.Event):
   # -- Setup. -------------------------------------------------------------------------------------------------
   # -- The config against the one the checkpoints continue, before anything is written.
-  manager = checkpoint.create_manager(workdir, keep=config.train.keep_checkpoints)
   saved_config = workdir_lib.read_config(workdir)
   if manager.all_steps() and saved_config is not None:
     for line in check_resume_config(config, saved_config, methods.abstract_state):

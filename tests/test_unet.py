@@ -120,27 +120,53 @@ def test_helpers():
   np.testing.assert_array_equal(unet.upsample_nearest(x), jax.image.resize(x, (2, 6, 10, 2), 'nearest'))
 
 
-@pytest.mark.parametrize('dtype, tolerance', [(jnp.float32, 3e-6), (jnp.bfloat16, 8e-3)])
-@pytest.mark.parametrize('affine', [True, False])
-def test_group_norm_is_flax_group_norm(dtype, tolerance, affine):
-  """normalization.GroupNorm (per-channel sums first, a written-out gradient, for XLA:CPU) has nn.GroupNorm's
-  parameters, results and gradients (of the input, scale and bias)."""
-  x = jnp.asarray(np.random.default_rng(0).normal(1.0, 2.0, (3, 8, 8, 96)), dtype)
-  params = {'scale': jnp.linspace(0.5, 2, 96), 'bias': jnp.linspace(-1, 1, 96)} if affine else {}
-  ours = normalization.GroupNorm(num_groups=32, dtype=dtype, affine=affine)
-  flax_norm = nn.GroupNorm(num_groups=32, dtype=dtype, use_scale=affine, use_bias=affine)
-  assert (jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x))
-          == jax.tree.map(jnp.shape, flax_norm.init(jax.random.key(0), x)))
-  cotangent = jnp.asarray(np.random.default_rng(1).normal(size=x.shape), dtype)
-  (out, ours_vjp), (expected, flax_vjp) = (jax.vjp(lambda p, x: norm.apply({'params': p}, x), params, x)
-                                           for norm in (ours, flax_norm))
-  assert out.dtype == expected.dtype == dtype
-  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected, np.float32), atol=tolerance)
-  ours_grads, flax_grads = ours_vjp(cotangent), flax_vjp(cotangent)
-  assert jax.tree.structure(ours_grads) == jax.tree.structure(flax_grads)
-  for got, want in zip(jax.tree.leaves(ours_grads), jax.tree.leaves(flax_grads)):
+def assert_close_with_gradients(got_vjp, want_vjp, cotangent, tolerance):
+  """Values and every input's gradient within tolerance, relative to each array's largest entry."""
+  (out, got_vjp), (expected, want_vjp) = got_vjp, want_vjp
+  got_grads, want_grads = got_vjp(cotangent.astype(out.dtype)), want_vjp(cotangent.astype(expected.dtype))
+  assert jax.tree.structure(got_grads) == jax.tree.structure(want_grads)
+  for got, want in zip([out, *jax.tree.leaves(got_grads)], [expected, *jax.tree.leaves(want_grads)]):
     want = np.asarray(want, np.float32)
     np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=tolerance * np.abs(want).max())
+
+
+@pytest.mark.parametrize('dtype, tolerance', [(jnp.float32, 3e-6), (jnp.bfloat16, 8e-3)])
+@pytest.mark.parametrize('silu', [False, True])
+def test_group_norm_is_flax_group_norm(dtype, tolerance, silu):
+  """normalization.GroupNorm (per-channel sums first, a written-out gradient, for XLA:CPU; with `silu` the
+  activation fused in) has nn.GroupNorm's parameters, and its results and gradients (of the input, scale and
+  bias), followed by nn.silu when fused: in bfloat16 to bfloat16's precision of float32's."""
+  x = jnp.asarray(np.random.default_rng(0).normal(1.0, 2.0, (3, 8, 8, 96)), dtype)
+  params = {'scale': jnp.linspace(0.5, 2, 96), 'bias': jnp.linspace(-1, 1, 96)}
+  ours = normalization.GroupNorm(num_groups=32, dtype=dtype, silu=silu)
+  flax_norm = nn.GroupNorm(num_groups=32)
+  assert (jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x))
+          == jax.tree.map(jnp.shape, flax_norm.init(jax.random.key(0), x)))
+  activation = nn.silu if silu else (lambda y: y)
+  cotangent = jnp.asarray(np.random.default_rng(1).normal(size=x.shape), dtype)
+  out, ours_vjp = jax.vjp(lambda p, x: ours.apply({'params': p}, x), params, x)
+  assert out.dtype == dtype
+  assert_close_with_gradients(
+      (out, ours_vjp),
+      jax.vjp(lambda p, x: activation(flax_norm.apply({'params': p}, x)), params, x.astype(jnp.float32)),
+      cotangent, tolerance)
+
+
+def test_group_norm_with_a_per_example_affine_is_adagn():
+  """group_norm with [B, C] scale and bias, SiLU fused (NCSN++'s AdaGN): silu(γ·GN(x) + β) of nn.GroupNorm
+  without affine, in value and in the gradients of x, γ and β (per example)."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(1.0, 2.0, (3, 8, 8, 96)), jnp.float32)
+  gamma, beta = (jnp.asarray(rng.normal(m, 0.5, (3, 96)), jnp.float32) for m in (1.0, 0.0))
+  flax_norm = nn.GroupNorm(num_groups=24, use_scale=False, use_bias=False)
+
+  def adagn(x, gamma, beta):
+    return nn.silu(gamma[:, None, None] * flax_norm.apply({}, x) + beta[:, None, None])
+
+  cotangent = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  assert_close_with_gradients(
+      jax.vjp(lambda x, g, b: normalization.group_norm(x, g, b, 24, 1e-6, True), x, gamma, beta),
+      jax.vjp(adagn, x, gamma, beta), cotangent, 3e-6)
 
 
 @pytest.mark.parametrize('key, value, match', [

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ddjax.models import normalization
 from ddjax.models.conv import Conv
 from ddjax.models.normalization import GroupNorm
 
@@ -78,9 +79,13 @@ def fir_upsample(x, taps=FIR_KERNEL):
   return upfirdn(x, taps, up=2, pad=((p + 1) // 2 + 1, p // 2), gain=4.0)
 
 
-def group_norm(x, dtype, affine: bool = True):
-  """score_sde's GroupNorm: min(C/4, 32) groups, ε = 1e-6."""
-  return GroupNorm(num_groups=min(x.shape[-1] // 4, 32), dtype=dtype, affine=affine)(x)
+def num_groups(channels: int) -> int:
+  """score_sde's GroupNorm: min(C/4, 32) groups (ε = 1e-6, GroupNorm's default)."""
+  return min(channels // 4, 32)
+
+
+def group_norm(x, dtype, silu: bool = False):
+  return GroupNorm(num_groups=num_groups(x.shape[-1]), dtype=dtype, silu=silu)(x)
 
 
 def conv(features: int, size: int, dtype, scale: float = 1.0, **kwargs):
@@ -94,7 +99,9 @@ def num_resolutions_ok(image_size: int, ch_mult) -> bool:
 
 
 class AdaGroupNorm(nn.Module):
-  """AdaGN: γ(z)·GN(x) + β(z), GroupNorm without affine, (γ, β) = Dense(z_emb) with bias init (1, 0)."""
+  """SiLU(AdaGN(x, z)): AdaGN is γ(z)·GN(x) + β(z), GroupNorm without affine, (γ, β) = Dense(z_emb) with bias
+  init (1, 0); the SiLU fused into the norm as GroupNorm's is. The norm, affine and SiLU in float32 whatever the
+  dtype."""
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -102,8 +109,9 @@ class AdaGroupNorm(nn.Module):
     c = x.shape[-1]
     bias_init = lambda key, shape, dtype: jnp.concatenate([jnp.ones(c, dtype), jnp.zeros(c, dtype)])
     style = nn.Dense(2 * c, kernel_init=dense_init(), bias_init=bias_init, dtype=self.dtype)(z_emb)
-    gamma, beta = jnp.split(style[:, None, None, :], 2, axis=-1)
-    return gamma * group_norm(x, self.dtype, affine=False) + beta
+    gamma, beta = jnp.split(style.astype(jnp.float32), 2, axis=-1)
+    return normalization.group_norm(x.astype(jnp.float32), gamma, beta, num_groups(c), 1e-6,
+                                    silu=True).astype(self.dtype)
 
 
 class ResBlock(nn.Module):
@@ -124,14 +132,14 @@ class ResBlock(nn.Module):
   def __call__(self, x, t_emb, z_emb, train: bool):
     in_ch = x.shape[-1]
     out_ch = self.out_ch or in_ch
-    h = nn.silu(AdaGroupNorm(self.dtype)(x, z_emb))
+    h = AdaGroupNorm(self.dtype)(x, z_emb)
     if self.resample != 'none':
       resample = fir_upsample if self.resample == 'up' else fir_downsample
       h, x = resample(h, self.fir_kernel), resample(x, self.fir_kernel)
     h = conv(out_ch, 3, self.dtype)(h)
     if t_emb is not None:
       h = h + nn.Dense(out_ch, kernel_init=default_init(), dtype=self.dtype)(nn.silu(t_emb))[:, None, None, :]
-    h = nn.silu(AdaGroupNorm(self.dtype)(h, z_emb))
+    h = AdaGroupNorm(self.dtype)(h, z_emb)
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     h = conv(out_ch, 3, self.dtype, scale=0.0)(h)
     if in_ch != out_ch or self.resample != 'none':
@@ -267,6 +275,6 @@ class NCSNpp(nn.Module):
       if level > 0:
         h = block(resample='up')(h, t_emb, z_emb, train)
 
-    h = conv(self.num_channels, 3, self.dtype, scale=0.0)(nn.silu(group_norm(h, self.dtype)))
+    h = conv(self.num_channels, 3, self.dtype, scale=0.0)(group_norm(h, self.dtype, silu=True))
     h = h.astype(jnp.float32)
     return h if self.not_use_tanh else jnp.tanh(h)

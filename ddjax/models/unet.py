@@ -22,8 +22,8 @@ def largest_divisor(n: int, limit: int) -> int:
   return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
-def group_norm(x, dtype):
-  return GroupNorm(num_groups=largest_divisor(x.shape[-1], 32), dtype=dtype)(x)
+def group_norm(x, dtype, silu: bool = False):
+  return GroupNorm(num_groups=largest_divisor(x.shape[-1], 32), dtype=dtype, silu=silu)(x)
 
 
 def upsample_nearest(x):
@@ -55,12 +55,12 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x, t_emb, c_emb, train):
     c = x.shape[-1]
-    h = Conv(c, (3, 3), dtype=self.dtype)(nn.silu(group_norm(x, self.dtype)))
+    h = Conv(c, (3, 3), dtype=self.dtype)(group_norm(x, self.dtype, silu=True))
     cond = nn.Dense(c, dtype=self.dtype)(nn.silu(t_emb))
     if c_emb is not None:
       cond = cond + nn.Dense(c, dtype=self.dtype)(nn.silu(c_emb))
     h = h + cond[:, None, None, :]
-    h = nn.silu(group_norm(h, self.dtype))
+    h = group_norm(h, self.dtype, silu=True)
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     return x + Conv(c, (3, 3), kernel_init=zeros, dtype=self.dtype)(h)
 
@@ -209,6 +209,6 @@ class UNet(nn.Module):
         x = upsample_nearest(x)
         x = Conv(self.width(level - 1), (3, 3), dtype=self.dtype)(x)
 
-    x = nn.silu(group_norm(x, self.dtype))
+    x = group_norm(x, self.dtype, silu=True)
     x = Conv(self.out_channels, (3, 3), kernel_init=zeros, dtype=self.dtype)(x)
     return x.astype(jnp.float32)

@@ -20,7 +20,6 @@ from jax import lax
 
 from ddjax.models import normalization
 from ddjax.models.conv import Conv
-from ddjax.models.normalization import GroupNorm
 
 FIR_KERNEL = (1, 3, 3, 1)
 
@@ -80,12 +79,12 @@ def fir_upsample(x, taps=FIR_KERNEL):
 
 
 def num_groups(channels: int) -> int:
-  """score_sde's GroupNorm: min(C/4, 32) groups (ε = 1e-6, GroupNorm's default)."""
+  """score_sde's GroupNorm: min(C/4, 32) groups (and ε = normalization.EPSILON)."""
   return min(channels // 4, 32)
 
 
 def group_norm(x, dtype, silu: bool = False):
-  return GroupNorm(num_groups=num_groups(x.shape[-1]), dtype=dtype, silu=silu)(x)
+  return normalization.GroupNorm(num_groups=num_groups(x.shape[-1]), dtype=dtype, silu=silu)(x)
 
 
 def conv(features: int, size: int, dtype, scale: float = 1.0, **kwargs):
@@ -110,7 +109,7 @@ class AdaGroupNorm(nn.Module):
     bias_init = lambda key, shape, dtype: jnp.concatenate([jnp.ones(c, dtype), jnp.zeros(c, dtype)])
     style = nn.Dense(2 * c, kernel_init=dense_init(), bias_init=bias_init, dtype=self.dtype)(z_emb)
     gamma, beta = jnp.split(style.astype(jnp.float32), 2, axis=-1)
-    return normalization.group_norm(x.astype(jnp.float32), gamma, beta, num_groups(c), 1e-6,
+    return normalization.group_norm(x.astype(jnp.float32), gamma, beta, num_groups(c), normalization.EPSILON,
                                     silu=True).astype(self.dtype)
 
 

@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+EPSILON = 1e-6  # GroupNorm's ε: nn.GroupNorm's default and score_sde's
+
 
 def _group_mean(channel_sums, num_groups: int, pixels: int):
   """[B, C] sums over `pixels` pixels per channel -> each channel's group mean (over the group's channels and
@@ -95,7 +97,7 @@ class GroupNorm(nn.Module):
   order); statistics in float32 whatever the dtype. `silu`: followed by SiLU, fused (see group_norm)."""
   num_groups: int
   dtype: Any = jnp.float32
-  epsilon: float = 1e-6
+  epsilon: float = EPSILON
   silu: bool = False
 
   @nn.compact

@@ -1,7 +1,7 @@
 """ddjax against its PyTorch peer, side by side in one run: diffusers' UNet2DModel + AdamW, and its DDIMScheduler.
 
   pip install -e '.[bench]'     # diffusers and torch, never needed by ddjax itself
-  python benchmarks/peer_diffusers.py [--rounds 2] [--what train|sample|both] [--ch 64] [--train_batch 32]
+  python benchmarks/peer_diffusers.py [--rounds 3] [--what train|sample|both] [--ch 64] [--train_batch 32]
       [--sample_batch 8]
 
 The pair, both class-conditional (10 classes) at 32×32×3, eps-prediction, linear β over T = 1000, no attention,
@@ -17,10 +17,11 @@ Train step: eps MSE, AdamW, grad-norm clip 1, EMA of the weights (ddjax: inside 
 torch._foreach_lerp_). Sampling: 50-step deterministic DDIM (leading spacing 980, 960, …, 0, x0 clipped).
 
 Each round runs ddjax (`python -m ddjax.benchmark`, a subprocess) and the peer (this process), train then
-sample, alternating; every JSON line is printed, then the ratios ddjax/peer of images/s.
+sample, alternating; every JSON line is printed, then the ratios ddjax/peer of images/s and their median.
 """
 import argparse
 import json
+import statistics
 import sys
 
 import torch
@@ -100,7 +101,8 @@ def ddjax(what: str, ch: int, batch: int, *, warmup: int, steps: int) -> dict:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--rounds', type=int, default=2, help='alternating ddjax/peer rounds')
+  parser.add_argument('--rounds', type=int, default=3,
+                      help='alternating ddjax/peer rounds (a figure moves 10-15%% from one process to the next)')
   parser.add_argument('--what', choices=('train', 'sample', 'both'), default='both')
   parser.add_argument('--ch', type=int, default=64, help='the first level\'s width (DDPM\'s CIFAR-10 network: 128)')
   parser.add_argument('--train_batch', type=int, default=32)
@@ -123,7 +125,8 @@ def main():
       print(json.dumps({'side': 'peer', **peer}), flush=True)
       ratios[what].append(ours['images_per_sec'] / peer['images_per_sec'])
   for what, values in ratios.items():
-    print(f'ddjax/peer {what} images/s: ' + ', '.join(f'{r:.2f}' for r in values), flush=True)
+    print(f'ddjax/peer {what} images/s: ' + ', '.join(f'{r:.2f}' for r in values)
+          + f' (median {statistics.median(values):.2f})', flush=True)
 
 
 if __name__ == '__main__':

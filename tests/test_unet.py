@@ -120,10 +120,11 @@ def test_helpers():
   np.testing.assert_array_equal(unet.upsample_nearest(x), jax.image.resize(x, (2, 6, 10, 2), 'nearest'))
 
 
-def assert_close_with_gradients(got_vjp, want_vjp, cotangent, tolerance):
-  """Values and every input's gradient within tolerance, relative to each array's largest entry."""
-  (out, got_vjp), (expected, want_vjp) = got_vjp, want_vjp
-  got_grads, want_grads = got_vjp(cotangent.astype(out.dtype)), want_vjp(cotangent.astype(expected.dtype))
+def assert_close_with_gradients(ours, reference, cotangent, tolerance):
+  """ours and reference are jax.vjp's (output, vjp function) pairs: the values and every input's gradient agree
+  within tolerance, relative to each array's largest entry."""
+  (out, ours_vjp), (expected, reference_vjp) = ours, reference
+  got_grads, want_grads = ours_vjp(cotangent.astype(out.dtype)), reference_vjp(cotangent.astype(expected.dtype))
   assert jax.tree.structure(got_grads) == jax.tree.structure(want_grads)
   for got, want in zip([out, *jax.tree.leaves(got_grads)], [expected, *jax.tree.leaves(want_grads)]):
     want = np.asarray(want, np.float32)

@@ -55,8 +55,7 @@ def group_norm(x, scale, bias, num_groups: int, epsilon: float, silu: bool = Fal
   """(x − μ_g)/√(σ²_g + ε)·scale + bias over NHWC float32 x, μ_g and σ²_g over each example's group of
   C/num_groups channels and all pixels, then SiLU if `silu`. scale and bias are [C], or [B, C] for a
   per-example affine (AdaGN)."""
-  y = _normalize(x, scale, bias, *_group_stats(x, num_groups, epsilon))
-  return jax.nn.silu(y) if silu else y
+  return _group_norm_forward(x, scale, bias, num_groups, epsilon, silu)[0]
 
 
 def _group_norm_forward(x, scale, bias, num_groups, epsilon, silu):

@@ -60,6 +60,8 @@ def benchmark(args, *, timeout_s: float) -> dict | str:
     return json.loads(done.stdout.strip().splitlines()[-1])
   if 'RESOURCE_EXHAUSTED' in done.stderr or 'out of memory' in done.stderr.lower():
     return 'out of memory'
+  print(f'[gpu.py] failed (exit {done.returncode}); its stderr ends:\n' + '\n'.join(
+      done.stderr.strip().splitlines()[-40:]), file=sys.stderr, flush=True)  # the table keeps one line of it
   return (done.stderr.strip().splitlines() or [f'exit {done.returncode}'])[-1][:200]
 
 

@@ -29,12 +29,11 @@ import time
 
 import jax
 import numpy as np
-import tensorflow_datasets as tfds
 from absl import app, flags, logging
 from jax._src.interpreters import pxla
 from ml_collections import config_flags
 
-from ddjax import config as config_lib, data, fid, generate, methods, parallel
+from ddjax import config as config_lib, fid, generate, methods, parallel
 from ddjax.methods.base import count_params
 from ddjax.models import inception
 from ddjax.validation import ConfigError
@@ -61,6 +60,7 @@ MOCK_EXAMPLES = 4096  # per split: enough that an epoch is many steps, as a real
 
 def mock_dataset():
   """tfds.testing.mock_data with random examples of each dataset's features."""
+  import tensorflow_datasets as tfds  # TFDS and TensorFlow only for real or mock input (see train)
   return tfds.testing.mock_data(num_examples=MOCK_EXAMPLES)
 
 
@@ -162,7 +162,11 @@ def train(config, *, warmup: int, steps: int, synthetic: bool) -> dict:
   log('initial state')
   state = method.initial_state()
   param_count = count_params(state.params)
-  source = synthetic_batches(config) if synthetic else data.create_dataset(config)
+  if synthetic:
+    source = synthetic_batches(config)
+  else:  # TensorFlow only when a dataset is read: the synthetic, sample and fid runs need JAX alone (GPU images)
+    from ddjax import data
+    source = data.create_dataset(config)
   batches = parallel.prefetch(source, mapper.shard_batch)
   step_fn = mapper.map(method.train_step)
   holder = {'state': mapper.replicate(state)}

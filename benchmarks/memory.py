@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from ddjax import methods
+from ddjax.benchmark import flops_of
 from ddjax.config import load_config_module
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
@@ -34,7 +35,7 @@ GIB = 2.0 ** 30
 
 
 def compile_train_step(config, per_device: int):
-  """(parameter count, the compiled train step) for `config` at `per_device` images."""
+  """(parameter count, the lowered and the compiled train step) for `config` at `per_device` images."""
   method = methods.build(config)
   step = functools.partial(method.train_step, axis_name=None)
   state = method.abstract_state()
@@ -42,16 +43,8 @@ def compile_train_step(config, per_device: int):
   batch = {'image': jax.ShapeDtypeStruct((per_device, size, size, channels), jnp.float32),
            'label': jax.ShapeDtypeStruct((per_device,), jnp.int32)}
   options = CPU_OPTIONS if jax.default_backend() == 'cpu' else None
-  compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile(compiler_options=options)
-  return sum(p.size for p in jax.tree.leaves(state.params)), compiled
-
-
-def flops(compiled):
-  """FLOPs of one step from XLA's cost analysis (a loop body counted once: with grad_accum_steps k, one
-  micro-batch), or None where the backend gives none."""
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  return cost.get('flops') if cost else None
+  lowered = jax.jit(step, donate_argnums=0).lower(state, batch)
+  return sum(p.size for p in jax.tree.leaves(state.params)), lowered, lowered.compile(compiler_options=options)
 
 
 def main():
@@ -75,13 +68,13 @@ def main():
         config.model.remat = remat == 'on'
         config.train.grad_accum_steps = args.grad_accum_steps
         start = time.perf_counter()
-        num_params, compiled = compile_train_step(config, args.per_device)
+        num_params, lowered, compiled = compile_train_step(config, args.per_device)
         seconds = time.perf_counter() - start
         memory = compiled.memory_analysis()
         temp, arguments = memory.temp_size_in_bytes, memory.argument_size_in_bytes
         output, aliased = memory.output_size_in_bytes, memory.alias_size_in_bytes
         total = temp + arguments + output - aliased
-        step_flops = flops(compiled)
+        step_flops = flops_of(lowered)  # with grad_accum_steps k: one micro-batch
         tflop = f'{step_flops / 1e12:6.2f}' if step_flops else f'{"-":>6}'
         print(f'{name:<12} {precision:<9} {remat:<5} {num_params:>11,} {temp / GIB:7.2f} {arguments / GIB:7.2f} '
               f'{output / GIB:7.2f} {aliased / GIB:7.2f} {total / GIB:7.2f} {tflop} {seconds:7.0f}s', flush=True)

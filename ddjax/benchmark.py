@@ -8,10 +8,11 @@ median of `--steps` timed steps after `--warmup` untimed ones, each ended with b
 `peak_device_memory_bytes` (null where the backend keeps no statistics, as XLA:CPU), `device_kind`,
 `device_count`, `batch_size` (global), and
 
-- train: `flops_per_step` (XLA's cost analysis of the compiled step) and `data_wait_fraction` (time in
-  next(batches) / step time, over the real input pipeline; `--data=mock` runs that pipeline on random images of
-  the dataset's real shapes and dtypes (tfds.testing.mock_data: decode, shuffle, batch, prefetch as for real
-  data) where the dataset is not prepared, `--data=synthetic` bypasses it with batches of the same shapes);
+- train: `flops_per_step` (XLA's cost analysis of the step's program before optimisation, per device; see
+  flops_of) and `data_wait_fraction` (time in next(batches) / step time, over the real input pipeline;
+  `--data=mock` runs that pipeline on random images of the dataset's real shapes and dtypes
+  (tfds.testing.mock_data: decode, shuffle, batch, prefetch as for real data) where the dataset is not
+  prepared, `--data=synthetic` bypasses it with batches of the same shapes);
 - sample: `ms_per_network_eval` (one jitted forward of the sampled network at the same batch) and
   `overhead_ratio` = sampler time / (N × that), N the network evaluations of one sample;
 - fid: the FID Inception network (random weights) on uint8 images of the config's size at eval.batch_size.
@@ -149,9 +150,13 @@ def synthetic_batches(config):
                           for _ in range(2)])
 
 
-def flops_of(step_fn, state, batch) -> float | None:
-  """XLA's FLOP estimate of the compiled step (the executable cache makes this compile a lookup)."""
-  analysis = step_fn.lower(state, batch).compile().cost_analysis()
+def flops_of(lowered) -> float | None:
+  """FLOPs of one run of a lowered program (`jax.jit(f).lower(...)`, or a pmap's or shard_map's: per device), by
+  XLA's cost analysis of its HLO before optimisation (a loop body counted once), or None where the backend
+  gives none. Not the compiled program's analysis: XLA:GPU hands convolutions to cuDNN as custom calls, which
+  that analysis counts as nothing (an H200 compile of the ImageNet-64 res-res train step counted 0.29 of its
+  15.7 TFLOP)."""
+  analysis = lowered.cost_analysis()
   analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
   return analysis.get('flops') if analysis else None
 
@@ -179,7 +184,7 @@ def train(config, *, warmup: int, steps: int, synthetic: bool) -> dict:
   log(f'train: 1 + {warmup} + {steps} steps of global batch {config.data.batch_size}')
   timings = time_steps(lambda: next(batches), run, warmup=warmup, steps=steps)
   return {**common_fields('train', timings, batch_size=config.data.batch_size, param_count=param_count),
-          'flops_per_step': flops_of(step_fn, holder['state'], next(batches)),
+          'flops_per_step': flops_of(step_fn.lower(holder['state'], next(batches))),
           'data_wait_fraction': timings.wait_fraction}
 
 

@@ -12,9 +12,10 @@ seconds) lasts:
 3. fid: the FID Inception network's feature throughput;
 4. the largest per-device train batch: 256, 384, 512, … in each precision until an attempt fails (out of
    memory, or out of time).
-Then the table: images/s, ms per step, compile s, TFLOP per step (XLA's cost analysis of the compiled step),
-MFU = those FLOPs / step time / the device's peak dense bf16 rate (for float32 too, so the column compares),
-peak device memory. Only the first GPU is used (CUDA_VISIBLE_DEVICES, unless set).
+Then the table: images/s, ms per step, compile s, TFLOP per step (ddjax.benchmark.flops_of: XLA's cost
+analysis of the step before optimisation), MFU = those FLOPs / step time / the device's peak dense bf16 rate
+(for float32 too, so the column compares), peak device memory. Only the first GPU is used
+(CUDA_VISIBLE_DEVICES, unless set).
 """
 import json
 import os

@@ -19,10 +19,9 @@ import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
 
 from ddjax import methods
-from ddjax.benchmark import flops_of
+from ddjax.benchmark import abstract_batch, flops_of
 from ddjax.config import load_config_module
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
@@ -35,16 +34,14 @@ GIB = 2.0 ** 30
 
 
 def compile_train_step(config, per_device: int):
-  """(parameter count, the lowered and the compiled train step) for `config` at `per_device` images."""
+  """(parameter count, the compiled train step, its FLOPs: with grad_accum_steps k, one micro-batch's) for
+  `config` at `per_device` images."""
   method = methods.build(config)
   step = functools.partial(method.train_step, axis_name=None)
-  state = method.abstract_state()
-  size, channels = config.data.image_size, config.data.num_channels
-  batch = {'image': jax.ShapeDtypeStruct((per_device, size, size, channels), jnp.float32),
-           'label': jax.ShapeDtypeStruct((per_device,), jnp.int32)}
+  state, batch = method.abstract_state(), abstract_batch(config, per_device)
   options = CPU_OPTIONS if jax.default_backend() == 'cpu' else None
-  lowered = jax.jit(step, donate_argnums=0).lower(state, batch)
-  return sum(p.size for p in jax.tree.leaves(state.params)), lowered, lowered.compile(compiler_options=options)
+  compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile(compiler_options=options)
+  return sum(p.size for p in jax.tree.leaves(state.params)), compiled, flops_of(step, state, batch)
 
 
 def main():
@@ -68,13 +65,12 @@ def main():
         config.model.remat = remat == 'on'
         config.train.grad_accum_steps = args.grad_accum_steps
         start = time.perf_counter()
-        num_params, lowered, compiled = compile_train_step(config, args.per_device)
+        num_params, compiled, step_flops = compile_train_step(config, args.per_device)
         seconds = time.perf_counter() - start
         memory = compiled.memory_analysis()
         temp, arguments = memory.temp_size_in_bytes, memory.argument_size_in_bytes
         output, aliased = memory.output_size_in_bytes, memory.alias_size_in_bytes
         total = temp + arguments + output - aliased
-        step_flops = flops_of(lowered)  # with grad_accum_steps k: one micro-batch
         tflop = f'{step_flops / 1e12:6.2f}' if step_flops else f'{"-":>6}'
         print(f'{name:<12} {precision:<9} {remat:<5} {num_params:>11,} {temp / GIB:7.2f} {arguments / GIB:7.2f} '
               f'{output / GIB:7.2f} {aliased / GIB:7.2f} {total / GIB:7.2f} {tflop} {seconds:7.0f}s', flush=True)

@@ -8,11 +8,11 @@ median of `--steps` timed steps after `--warmup` untimed ones, each ended with b
 `peak_device_memory_bytes` (null where the backend keeps no statistics, as XLA:CPU), `device_kind`,
 `device_count`, `batch_size` (global), and
 
-- train: `flops_per_step` (XLA's cost analysis of the step's program before optimisation, per device; see
-  flops_of) and `data_wait_fraction` (time in next(batches) / step time, over the real input pipeline;
-  `--data=mock` runs that pipeline on random images of the dataset's real shapes and dtypes
-  (tfds.testing.mock_data: decode, shuffle, batch, prefetch as for real data) where the dataset is not
-  prepared, `--data=synthetic` bypasses it with batches of the same shapes);
+- train: `flops_per_step` (XLA's cost analysis of one device's step before optimisation; see flops_of) and
+  `data_wait_fraction` (time in next(batches) / step time, over the real input pipeline; `--data=mock` runs
+  that pipeline on random images of the dataset's real shapes and dtypes (tfds.testing.mock_data: decode,
+  shuffle, batch, prefetch as for real data) where the dataset is not prepared, `--data=synthetic` bypasses
+  it with batches of the same shapes);
 - sample: `ms_per_network_eval` (one jitted forward of the sampled network at the same batch) and
   `overhead_ratio` = sampler time / (N × that), N the network evaluations of one sample;
 - fid: the FID Inception network (random weights) on uint8 images of the config's size at eval.batch_size.
@@ -21,6 +21,7 @@ A timed step that compiles is an error: the figures would time XLA, not the prog
 """
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import resource
@@ -150,13 +151,26 @@ def synthetic_batches(config):
                           for _ in range(2)])
 
 
-def flops_of(lowered) -> float | None:
-  """FLOPs of one run of a lowered program (`jax.jit(f).lower(...)`, or a pmap's or shard_map's: per device), by
-  XLA's cost analysis of its HLO before optimisation (a loop body counted once), or None where the backend
-  gives none. Not the compiled program's analysis: XLA:GPU hands convolutions to cuDNN as custom calls, which
-  that analysis counts as nothing (an H200 compile of the ImageNet-64 res-res train step counted 0.29 of its
-  15.7 TFLOP)."""
-  analysis = lowered.cost_analysis()
+def abstract_batch(config, per_device: int) -> dict:
+  """One device's train batch of `per_device` examples as ShapeDtypeStructs, in synthetic_batches' format."""
+  size, channels = config.data.image_size, config.data.num_channels
+  return {'image': jax.ShapeDtypeStruct((per_device, size, size, channels), np.float32),
+          'label': jax.ShapeDtypeStruct((per_device,), np.int32)}
+
+
+def flops_of(fn, *args) -> float | None:
+  """FLOPs of one call of `fn` on `args` (ShapeDtypeStructs) by XLA's cost analysis of its HLO before
+  optimisation (a loop body counted once), lowered for the CPU whatever the default backend: the count is the
+  program's, not the machine's, and on a GPU neither other route gives it. The compiled program's analysis counts
+  the convolutions that XLA:GPU hands to cuDNN as nothing (an H200 compile of the ImageNet-64 res-res train step
+  counted 0.29 of its 15.7 TFLOP), and jax has no analysis of a lowered program for a PJRT plugin's backend
+  (CUDA's). None where JAX runs without its CPU backend (JAX_PLATFORMS naming only others)."""
+  try:
+    cpu = jax.local_devices(backend='cpu')[0]
+  except RuntimeError:
+    return None
+  with jax.default_device(cpu):  # unsharded inputs lower for the default device's backend
+    analysis = jax.jit(fn).lower(*args).cost_analysis()
   analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
   return analysis.get('flops') if analysis else None
 
@@ -184,7 +198,8 @@ def train(config, *, warmup: int, steps: int, synthetic: bool) -> dict:
   log(f'train: 1 + {warmup} + {steps} steps of global batch {config.data.batch_size}')
   timings = time_steps(lambda: next(batches), run, warmup=warmup, steps=steps)
   return {**common_fields('train', timings, batch_size=config.data.batch_size, param_count=param_count),
-          'flops_per_step': flops_of(step_fn.lower(holder['state'], next(batches))),
+          'flops_per_step': flops_of(functools.partial(method.train_step, axis_name=None), method.abstract_state(),
+                                     abstract_batch(config, config.data.batch_size // jax.device_count())),
           'data_wait_fraction': timings.wait_fraction}
 
 

@@ -66,19 +66,18 @@ def test_time_steps_rejects_a_step_that_recompiles():
 
 
 def test_flops_count_convolutions_in_closed_form():
-  """flops_of counts the lowered program, the same on every backend (the compiled one's analysis on a GPU counts
-  cuDNN's convolutions as nothing): a 3x3 SAME convolution is 2 * N * C_in * C_out * (valid taps: (3H - 2) *
-  (3W - 2) over the H x W outputs), in float32 and bfloat16, and its two gradients twice that."""
+  """flops_of counts the program before optimisation, lowered for the CPU on every backend (a GPU's compiled
+  program counts cuDNN's convolutions as nothing): a 3x3 SAME convolution is 2 * N * C_in * C_out * (the valid
+  taps over the H x W outputs: (3H - 2) * (3W - 2)), in float32 and bfloat16, and its two gradients twice that."""
   n, size, c_in, c_out = 4, 8, 16, 32
   image = jax.ShapeDtypeStruct((n, size, size, c_in), jnp.float32)
   kernel = jax.ShapeDtypeStruct((3, 3, c_in, c_out), jnp.float32)
   conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   expected = 2 * n * c_in * c_out * (3 * size - 2) ** 2
-  assert benchmark.flops_of(jax.jit(conv).lower(image, kernel)) == expected
-  bf16 = [a.update(dtype=jnp.bfloat16) for a in (image, kernel)]
-  assert benchmark.flops_of(jax.jit(conv).lower(*bf16)) == expected
-  gradients = jax.jit(jax.grad(lambda x, k: conv(x, k).sum(), argnums=(0, 1)))
-  assert benchmark.flops_of(gradients.lower(image, kernel)) == 2 * expected
+  assert benchmark.flops_of(conv, image, kernel) == expected
+  assert benchmark.flops_of(conv, *[a.update(dtype=jnp.bfloat16) for a in (image, kernel)]) == expected
+  gradients = jax.grad(lambda x, k: conv(x, k).sum(), argnums=(0, 1))
+  assert benchmark.flops_of(gradients, image, kernel) == 2 * expected
 
 
 def test_gpu_table_peak_rates_and_mfu(monkeypatch):

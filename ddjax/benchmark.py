@@ -5,8 +5,9 @@
 Progress goes to stderr; the last stdout line is one JSON object: `what`, `images_per_sec`, `ms_per_step` (the
 median of `--steps` timed steps after `--warmup` untimed ones, each ended with block_until_ready), `compile_s`
 (the first call less a timed step: trace + compile), `param_count`, `peak_host_memory_bytes` (maxrss),
-`peak_device_memory_bytes` (null where the backend keeps no statistics, as XLA:CPU), `device_kind`,
-`device_count`, `batch_size` (global), and
+`peak_device_memory_bytes` and `device_memory_limit_bytes` (what the allocator may hold on a device; both
+null where the backend keeps no statistics, as XLA:CPU), `device_kind`, `device_count`, `batch_size` (global),
+and
 
 - train: `flops_per_step` (XLA's cost analysis of one device's step before optimisation; see flops_of) and
   `data_wait_fraction` (time in next(batches) / step time, over the real input pipeline; `--data=mock` runs
@@ -121,7 +122,8 @@ def time_steps(next_input, run, *, warmup: int, steps: int) -> Timings:
 
 def common_fields(what: str, timings: Timings, *, batch_size: int, param_count: int) -> dict:
   devices = jax.local_devices()
-  peaks = [(device.memory_stats() or {}).get('peak_bytes_in_use') for device in devices]
+  stats = [device.memory_stats() or {} for device in devices]
+  peaks, limits = [d.get('peak_bytes_in_use') for d in stats], [d.get('bytes_limit') for d in stats]
   return {
       'what': what,
       'images_per_sec': batch_size / timings.median_s,
@@ -130,6 +132,7 @@ def common_fields(what: str, timings: Timings, *, batch_size: int, param_count: 
       'param_count': param_count,
       'peak_host_memory_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
       'peak_device_memory_bytes': None if None in peaks else max(peaks),
+      'device_memory_limit_bytes': None if None in limits else min(limits),
       'device_kind': devices[0].device_kind,
       'device_count': jax.device_count(),
       'batch_size': batch_size,

@@ -12,7 +12,7 @@ from ddjax import benchmark
 from tests.tiny import REPO, TINY, tiny_config
 
 COMMON = {'what', 'images_per_sec', 'ms_per_step', 'compile_s', 'param_count', 'peak_host_memory_bytes',
-          'peak_device_memory_bytes', 'device_kind', 'device_count', 'batch_size'}
+          'peak_device_memory_bytes', 'device_memory_limit_bytes', 'device_kind', 'device_count', 'batch_size'}
 
 
 def check_common(result, what, batch_size):
@@ -20,7 +20,8 @@ def check_common(result, what, batch_size):
   for key in ('images_per_sec', 'ms_per_step', 'param_count', 'peak_host_memory_bytes'):
     assert result[key] > 0, key
   assert result['compile_s'] >= 0 and isinstance(result['device_kind'], str)
-  assert result['peak_device_memory_bytes'] is None or result['peak_device_memory_bytes'] > 0
+  for key in ('peak_device_memory_bytes', 'device_memory_limit_bytes'):
+    assert result[key] is None or result[key] > 0, key
   assert result['images_per_sec'] == pytest.approx(batch_size / result['ms_per_step'] * 1e3)
 
 
@@ -120,6 +121,36 @@ def test_gpu_script_searches_batches_until_one_fails(monkeypatch, capsys):
   table = capsys.readouterr().out
   assert 'device: NVIDIA H100 80GB HBM3; MFU against 989 TFLOP/s' in table
   assert table.count('train largest (256; 384: out of memory)') == 2 and '10.1%' in table  # 1e12 / 10 ms / 989e12
+
+
+def test_gpu_script_jumps_to_the_batch_its_memory_predicts(monkeypatch, capsys):
+  """Where the backend reports memory: the batch that step 1's peak, scaled linearly, puts at 90% of the limit
+  (a multiple of 64), then a quarter less after an attempt that runs out of memory."""
+  from benchmarks import gpu
+  calls, limit = [], 100e9
+  per_image = {'bfloat16': 80e6, 'float32': 160e6}
+
+  def fake_benchmark(args, *, timeout_s):
+    flags = dict(arg.split('=', 1) for arg in args if arg.startswith('--config.') and '=' in arg)
+    batch, precision = int(flags.get('--config.data.batch_size', 8)), flags.get('--config.parallel.precision')
+    calls.append((args[args.index('--what') + 1], batch))
+    if batch > 1000:
+      return 'out of memory'
+    return {'device_kind': 'NVIDIA H200', 'flops_per_step': 1e12 * batch, 'ms_per_step': 10.0 * batch,
+            'batch_size': batch, 'images_per_sec': 100.0, 'compile_s': 1.0,
+            'peak_device_memory_bytes': per_image.get(precision, 1e6) * batch, 'device_memory_limit_bytes': limit,
+            'ms_per_network_eval': 1.0, 'overhead_ratio': 2.0}
+  monkeypatch.setattr(gpu, 'benchmark', fake_benchmark)
+  monkeypatch.delenv('GPU_SH_SMOKE', raising=False)
+  assert gpu.largest_batch_guess(fake_benchmark(['--what', 'train', '--config.parallel.precision=bfloat16'],
+                                                timeout_s=1), 8) == 1088  # 0.9 * 100e9 / 80e6 = 1125
+  calls.clear()
+  gpu.main()
+  assert calls == [('train', 128), ('train', 128), ('sample', 8), ('fid', 8), ('train', 1088), ('train', 768),
+                   ('train', 512)]  # 1088 * 3 / 4 = 816 -> 768; float32: 0.9 * 100e9 / 160e6 = 562 -> 512
+  table = capsys.readouterr().out
+  assert 'train largest (768; 1088: out of memory) | bf16 | 768 |' in table
+  assert 'train largest (512) | f32 | 512 |' in table
 
 
 def test_default_xla_flags_are_added_unless_the_user_set_them():

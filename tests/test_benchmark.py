@@ -142,9 +142,9 @@ def test_gpu_script_jumps_to_the_batch_its_memory_predicts(monkeypatch, capsys):
             'ms_per_network_eval': 1.0, 'overhead_ratio': 2.0}
   monkeypatch.setattr(gpu, 'benchmark', fake_benchmark)
   monkeypatch.delenv('GPU_SH_SMOKE', raising=False)
-  assert gpu.largest_batch_guess(fake_benchmark(['--what', 'train', '--config.parallel.precision=bfloat16'],
-                                                timeout_s=1), 8) == 1088  # 0.9 * 100e9 / 80e6 = 1125
-  calls.clear()
+  first = {'peak_device_memory_bytes': 80e6 * 128, 'device_memory_limit_bytes': limit}
+  assert gpu.largest_batch_guess(first, 128) == 1088  # 0.9 * 100e9 / 80e6 = 1125
+  assert gpu.largest_batch_guess({'peak_device_memory_bytes': None, 'device_memory_limit_bytes': None}, 8) is None
   gpu.main()
   assert calls == [('train', 128), ('train', 128), ('sample', 8), ('fid', 8), ('train', 1088), ('train', 768),
                    ('train', 512)]  # 1088 * 3 / 4 = 816 -> 768; float32: 0.9 * 100e9 / 160e6 = 562 -> 512

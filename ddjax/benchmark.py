@@ -143,22 +143,21 @@ def common_fields(what: str, timings: Timings, *, batch_size: int, param_count: 
 # train: the method's step over every device, as train.py runs it
 # ----------------------------------------------------------------------------------------------------------------
 
+def abstract_batch(config, examples: int) -> dict:
+  """A train batch of `examples` examples as ShapeDtypeStructs, in the input pipeline's format."""
+  size, channels = config.data.image_size, config.data.num_channels
+  return {'image': jax.ShapeDtypeStruct((examples, size, size, channels), np.float32),
+          'label': jax.ShapeDtypeStruct((examples,), np.int32)}
+
+
 def synthetic_batches(config):
   """Random batches of this host's share of the global batch, in the pipeline's format, forever: two drawn once
   and repeated, as drawing runs between the timed steps (512×64×64×3: tens of ms, more than a fast GPU step)."""
-  data_config, rng = config.data, np.random.default_rng(0)
-  size, channels = data_config.image_size, data_config.num_channels
-  shape = (data_config.batch_size // jax.process_count(), size, size, channels)
-  return itertools.cycle([{'image': rng.uniform(-1, 1, shape).astype(np.float32),
-                           'label': rng.integers(0, max(data_config.num_classes, 1), shape[:1]).astype(np.int32)}
-                          for _ in range(2)])
-
-
-def abstract_batch(config, per_device: int) -> dict:
-  """One device's train batch of `per_device` examples as ShapeDtypeStructs, in synthetic_batches' format."""
-  size, channels = config.data.image_size, config.data.num_channels
-  return {'image': jax.ShapeDtypeStruct((per_device, size, size, channels), np.float32),
-          'label': jax.ShapeDtypeStruct((per_device,), np.int32)}
+  rng, spec = np.random.default_rng(0), abstract_batch(config, config.data.batch_size // jax.process_count())
+  draw = lambda: {'image': rng.uniform(-1, 1, spec['image'].shape).astype(spec['image'].dtype),
+                  'label': rng.integers(0, max(config.data.num_classes, 1), spec['label'].shape).astype(
+                      spec['label'].dtype)}
+  return itertools.cycle([draw() for _ in range(2)])
 
 
 def flops_of(fn, *args) -> float | None:

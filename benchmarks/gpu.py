@@ -14,6 +14,8 @@ seconds) lasts:
    allocator may hold, from step 1's peak (largest_batch_guess), then a quarter less after each attempt that
    runs out of memory; where the backend reports no memory (the CPU), 256, 384, 512, … until an attempt fails.
    A GPU compile takes about a minute, so a search that steps up from 128 would run out of time first.
+The bf16 run at 128 also traces 3 more steps (`--profile 3`): where their time goes, by kind of op (convolution,
+matmul, elementwise, ...), pass (forward, backward, optimizer, EMA) and layer, printed after the table.
 Then the table: images/s, ms per step, compile s, TFLOP per step (ddjax.benchmark.flops_of: XLA's cost
 analysis of the step before optimisation), MFU = those FLOPs / step time / the device's peak dense bf16 rate
 (for float32 too, so the column compares), peak device memory. Only the first GPU is used
@@ -114,11 +116,11 @@ def main():
     remaining = deadline - time.monotonic()
     return benchmark([*base, *extra], timeout_s=min(limit_s, remaining)) if remaining > 20 else 'no time left'
 
-  def train(precision, batch):
+  def train(precision, batch, profile=False):
     return run(['--what', 'train', '--data', 'synthetic', *timing, f'--config.data.batch_size={batch}',
-                f'--config.parallel.precision={precisions[precision]}'])
+                f'--config.parallel.precision={precisions[precision]}', '--profile', '3' if profile else '0'])
 
-  first = {p: train(p, first_batch) for p in precisions}
+  first = {p: train(p, first_batch, profile=p == 'bf16') for p in precisions}
   rows = [row(f'train {first_batch}', p, result) for p, result in first.items()]
   step_size, sample_batch = (100, 8) if smoke else (10, 128)
   rows.append(row(f'sample DDIM step_size {step_size}, CFG w=1', 'bf16', run(
@@ -156,6 +158,12 @@ def main():
   print(f'\ndevice: {device}; MFU against {peak or "an unknown"} TFLOP/s dense bf16 (vendor datasheet; set '
         f'GPU_SH_PEAK_TFLOPS to override){"; SMOKE (digits-sized)" if smoke else ""}')
   print(format_table(rows))
+  for r in rows:
+    if r.get('profile'):
+      sys.path.insert(0, REPO)  # the checkout, installed or not (python -m ddjax.benchmark runs from it too)
+      from ddjax.profiling import format_breakdown
+      print(f"\nwhere the time of {r['run']} {r['precision']} goes (jax.profiler, ms per step):\n"
+            + format_breakdown(r['profile']))
 
 
 if __name__ == '__main__':

@@ -16,7 +16,9 @@ and
   it with batches of the same shapes);
 - sample: `ms_per_network_eval` (one jitted forward of the sampled network at the same batch) and
   `overhead_ratio` = sampler time / (N × that), N the network evaluations of one sample;
-- fid: the FID Inception network (random weights) on uint8 images of the config's size at eval.batch_size.
+- fid: the FID Inception network (random weights) on uint8 images of the config's size at eval.batch_size;
+- with `--profile=N`: `profile`, where the time of N more calls went, by a jax.profiler trace (ddjax.profiling;
+  the trace is kept in `--profile_dir` if given; null if the profiler failed), also printed on stderr.
 
 A timed step that compiles is an error: the figures would time XLA, not the program.
 """
@@ -36,7 +38,7 @@ from absl import app, flags, logging
 from jax._src.interpreters import pxla
 from ml_collections import config_flags
 
-from ddjax import config as config_lib, fid, generate, methods, parallel
+from ddjax import config as config_lib, fid, generate, methods, parallel, profiling
 from ddjax.methods.base import count_params
 from ddjax.models import inception
 from ddjax.validation import ConfigError
@@ -55,6 +57,9 @@ def define_flags():
                     'train input: the real pipeline (ddjax.data); the same pipeline on random images of the '
                     'dataset\'s shapes (mock: an unprepared dataset such as cifar10 on a machine without it); or '
                     'random batches that bypass it (synthetic).')
+  flags.DEFINE_integer('profile', 0, 'Calls to trace with jax.profiler after the timed ones (0: none), and '
+                       'report where their time went.')
+  flags.DEFINE_string('profile_dir', None, 'Keep the --profile trace here (TensorBoard / XProf / Perfetto).')
   flags.mark_flags_as_required(['config'])
 
 
@@ -120,6 +125,29 @@ def time_steps(next_input, run, *, warmup: int, steps: int) -> Timings:
   return Timings(first_s, step_s, wait_s)
 
 
+@dataclasses.dataclass(frozen=True)
+class Profile:
+  calls: int = 0          # traced calls after the timed ones; 0: no profile
+  log_dir: str | None = None
+
+  def fields(self, jitted, args, call) -> dict:
+    """{'profile': where the time of `calls` calls of call() went} ({} if no calls), printed on stderr too;
+    `jitted` on `args` is the program call() runs, looked up again in JAX's cache for its compiled text."""
+    if not self.calls:
+      return {}
+    compiled = compilations()
+    text = jitted.lower(*args).compile().as_text()
+    if compilations() != compiled:
+      log('the profiled program was compiled a second time to read its text')
+    try:
+      result = profiling.profile(call, text, calls=self.calls, log_dir=self.log_dir)
+    except Exception:  # a profiler that cannot start here (no CUPTI, ...) costs the profile, not the figures
+      logging.exception('profile failed')
+      return {'profile': None}
+    log(f'where the time of {self.calls} traced calls went:\n' + profiling.format_breakdown(result))
+    return {'profile': result}
+
+
 def common_fields(what: str, timings: Timings, *, batch_size: int, param_count: int) -> dict:
   devices = jax.local_devices()
   stats = [device.memory_stats() or {} for device in devices]
@@ -177,7 +205,7 @@ def flops_of(fn, *args) -> float | None:
   return analysis.get('flops') if analysis else None
 
 
-def train(config, *, warmup: int, steps: int, synthetic: bool) -> dict:
+def train(config, *, warmup: int, steps: int, synthetic: bool, profile: Profile = Profile()) -> dict:
   method = methods.build(config)
   mapper = parallel.DataParallel.create(config.parallel.mode)
   log('initial state')
@@ -202,14 +230,15 @@ def train(config, *, warmup: int, steps: int, synthetic: bool) -> dict:
   return {**common_fields('train', timings, batch_size=config.data.batch_size, param_count=param_count),
           'flops_per_step': flops_of(functools.partial(method.train_step, axis_name=None), method.abstract_state(),
                                      abstract_batch(config, config.data.batch_size // jax.device_count())),
-          'data_wait_fraction': timings.wait_fraction}
+          'data_wait_fraction': timings.wait_fraction,
+          **profile.fields(step_fn, (holder['state'], next(batches)), lambda: run(next(batches)))}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # sample: the method's sampler, and one bare network evaluation at the same batch
 # ----------------------------------------------------------------------------------------------------------------
 
-def sample(config, *, warmup: int, steps: int) -> dict:
+def sample(config, *, warmup: int, steps: int, profile: Profile = Profile()) -> dict:
   method = methods.build(config)
   mesh = parallel.DataParallel.create(config.parallel.mode).mesh
   log('initial state')
@@ -220,8 +249,8 @@ def sample(config, *, warmup: int, steps: int) -> dict:
   generate_fn = generate.make_generate_fn(method.sample_fn, mesh)
   rng = jax.random.key(0)
   log(f'sample ({method.sampler}): 1 + {warmup} + {steps} batches of {batch}')
-  sampler = time_steps(lambda: (params, rng, indices, labels), lambda a: generate_fn(*a), warmup=warmup,
-                       steps=steps)
+  arguments = (params, rng, indices, labels)
+  sampler = time_steps(lambda: arguments, lambda a: generate_fn(*a), warmup=warmup, steps=steps)
 
   size, channels = config.data.image_size, config.data.num_channels
   x = parallel.global_sharded(mesh, np.random.default_rng(0).standard_normal((batch, size, size, channels),
@@ -232,14 +261,15 @@ def sample(config, *, warmup: int, steps: int) -> dict:
   one_eval = time_steps(lambda: (params, x, labels), lambda a: forward(*a), warmup=warmup, steps=steps)
   return {**common_fields('sample', sampler, batch_size=batch, param_count=count_params(params)),
           'ms_per_network_eval': 1e3 * one_eval.median_s,
-          'overhead_ratio': sampler.median_s / (method.network_evals * one_eval.median_s)}
+          'overhead_ratio': sampler.median_s / (method.network_evals * one_eval.median_s),
+          **profile.fields(generate_fn, arguments, lambda: generate_fn(*arguments))}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # fid: the FID Inception network's feature throughput
 # ----------------------------------------------------------------------------------------------------------------
 
-def fid_features(config, *, warmup: int, steps: int) -> dict:
+def fid_features(config, *, warmup: int, steps: int, profile: Profile = Profile()) -> dict:
   mesh = parallel.DataParallel.create(config.parallel.mode).mesh
   batch = generate.padded_batch_size(config.eval.batch_size, mesh.size)
   size, channels = config.data.image_size, config.data.num_channels
@@ -251,7 +281,8 @@ def fid_features(config, *, warmup: int, steps: int) -> dict:
   placed = parallel.global_sharded(mesh, images)
   log(f'fid: 1 + {warmup} + {steps} batches of {batch} {size}x{size} images')
   timings = time_steps(lambda: placed, lambda x: feature_fn(variables, x), warmup=warmup, steps=steps)
-  return common_fields('fid', timings, batch_size=batch, param_count=count_params(variables.get('params', {})))
+  return {**common_fields('fid', timings, batch_size=batch, param_count=count_params(variables.get('params', {}))),
+          **profile.fields(feature_fn, (variables, placed), lambda: feature_fn(variables, placed))}
 
 
 def main(argv):
@@ -263,10 +294,11 @@ def main(argv):
   except ConfigError as error:
     print(f'invalid config: {error}', file=sys.stderr)
     sys.exit(2)
-  if FLAGS.steps < 1 or FLAGS.warmup < 0:
-    print(f'invalid flags: --steps={FLAGS.steps} must be >= 1, --warmup={FLAGS.warmup} >= 0', file=sys.stderr)
+  if FLAGS.steps < 1 or FLAGS.warmup < 0 or FLAGS.profile < 0:
+    print(f'invalid flags: --steps={FLAGS.steps} must be >= 1, --warmup={FLAGS.warmup} >= 0, '
+          f'--profile={FLAGS.profile} >= 0', file=sys.stderr)
     sys.exit(2)
-  options = dict(warmup=FLAGS.warmup, steps=FLAGS.steps)
+  options = dict(warmup=FLAGS.warmup, steps=FLAGS.steps, profile=Profile(FLAGS.profile, FLAGS.profile_dir))
   if FLAGS.what == 'train':
     with mock_dataset() if FLAGS.data == 'mock' else contextlib.nullcontext():
       result = train(config, synthetic=FLAGS.data == 'synthetic', **options)

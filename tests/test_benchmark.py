@@ -26,11 +26,18 @@ def check_common(result, what, batch_size):
 
 
 def test_train_over_the_real_pipeline(tmp_path):
-  """The method's step over the digits pipeline; time_steps raises if a step after the first compiles."""
-  result = benchmark.train(tiny_config(str(tmp_path)), warmup=1, steps=10, synthetic=False)
-  assert set(result) == COMMON | {'flops_per_step', 'data_wait_fraction'}
+  """The method's step over the digits pipeline; time_steps raises if a step after the first compiles. Then
+  where two more steps' time went: the U-Net's layers, both passes, the optimizer's and the EMA's scopes."""
+  result = benchmark.train(tiny_config(str(tmp_path)), warmup=1, steps=10, synthetic=False,
+                           profile=benchmark.Profile(2))
+  assert set(result) == COMMON | {'flops_per_step', 'data_wait_fraction', 'profile'}
   check_common(result, 'train', TINY['data.batch_size'])
   assert result['flops_per_step'] > 0 and 0 <= result['data_wait_fraction'] < 1
+  profile = result['profile']
+  assert {'forward', 'backward', 'optimizer', 'ema'} <= set(profile['by_phase'])
+  assert {'Conv', 'GroupNorm', 'Dense'} <= set(profile['by_layer']) and profile['by_kind']['convolution'] > 0
+  assert sum(profile['by_layer'].values()) == pytest.approx(profile['busy_ms'])
+  assert 0 < profile['busy_ms'] <= 1.01 * profile['wall_ms']
 
 
 def test_train_over_the_pipeline_on_mock_images_of_an_unprepared_dataset():
@@ -46,15 +53,17 @@ def test_sample_cli_prints_json_last(tmp_path):
   flags = [f'--config.{key}={value}' for key, value in TINY.items()]
   completed = subprocess.run(
       [sys.executable, '-m', 'ddjax.benchmark', '--config', 'configs/digits.py', '--what', 'sample', '--steps', '10',
-       '--warmup', '1', f'--config.data.data_dir={tmp_path}', *flags],
+       '--warmup', '1', '--profile', '1', f'--config.data.data_dir={tmp_path}', *flags],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert completed.returncode == 0, completed.stderr[-3000:]
   result = json.loads(completed.stdout.strip().splitlines()[-1])
-  assert set(result) == COMMON | {'ms_per_network_eval', 'overhead_ratio'}
+  assert set(result) == COMMON | {'ms_per_network_eval', 'overhead_ratio', 'profile'}
+  assert result['profile']['by_phase']['forward'] > 0  # the sampler's scan body: the U-Net's forward
   check_common(result, 'sample', TINY['sample.batch_size'])
   assert result['ms_per_network_eval'] > 0 and math.isfinite(result['overhead_ratio'])
   assert result['overhead_ratio'] > 0.5  # 5 guided steps cannot cost less than ~5 guided forwards
   assert '[benchmark]' in completed.stderr and '[benchmark]' not in completed.stdout
+  assert 'phase | layer | kind | ms | share | ops' in completed.stderr
 
 
 def test_time_steps_rejects_a_step_that_recompiles():
@@ -110,9 +119,13 @@ def test_gpu_script_searches_batches_until_one_fails(monkeypatch, capsys):
     calls.append((args[args.index('--what') + 1], batch))
     if batch > 256:
       return 'out of memory'
+    profiled = '--profile' in args and args[args.index('--profile') + 1] != '0'
+    profile = {'wall_ms': 12.0, 'busy_ms': 10.0, 'by_kind': {'convolution': 10.0}, 'by_phase': {'backward': 10.0},
+               'by_layer': {'Conv': 10.0}, 'top': [['backward', 'Conv', 'convolution', 10.0, 2.0]],
+               'lines': {'/device:GPU:0 Stream #7': 6}}
     return {'device_kind': 'NVIDIA H100 80GB HBM3', 'flops_per_step': 1e12 * batch, 'ms_per_step': 10.0 * batch,
             'batch_size': batch, 'images_per_sec': 100.0, 'compile_s': 1.0, 'peak_device_memory_bytes': None,
-            'ms_per_network_eval': 1.0, 'overhead_ratio': 2.0}
+            'ms_per_network_eval': 1.0, 'overhead_ratio': 2.0, **({'profile': profile} if profiled else {})}
   monkeypatch.setattr(gpu, 'benchmark', fake_benchmark)
   monkeypatch.delenv('GPU_SH_SMOKE', raising=False)
   gpu.main()
@@ -121,6 +134,8 @@ def test_gpu_script_searches_batches_until_one_fails(monkeypatch, capsys):
   table = capsys.readouterr().out
   assert 'device: NVIDIA H100 80GB HBM3; MFU against 989 TFLOP/s' in table
   assert table.count('train largest (256; 384: out of memory)') == 2 and '10.1%' in table  # 1e12 / 10 ms / 989e12
+  assert table.count('where the time of') == 1 and 'where the time of train 128 bf16 goes' in table  # bf16 only
+  assert 'backward | Conv | convolution | 10.00 | 100.0% | 2' in table
 
 
 def test_gpu_script_jumps_to_the_batch_its_memory_predicts(monkeypatch, capsys):

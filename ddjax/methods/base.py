@@ -8,6 +8,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import optax
 
 from ddjax import parallel
 
@@ -67,10 +68,18 @@ def ema_decay_at(step, ema_decay: float):
   return jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
 
 
+@jax.named_scope('ema')  # ddjax.profiling tells its ops apart by this scope
 def ema_update(ema_params, params, *, step, ema_decay: float):
   """EMA ← d·EMA + (1 − d)·params with d = ema_decay_at(step)."""
   decay = ema_decay_at(step, ema_decay)
   return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+
+
+@jax.named_scope('optimizer')  # as ema_update's
+def optimizer_step(tx, grads, opt_state, params):
+  """(new params, new optimizer state): one update of the optax transformation `tx`."""
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
 
 
 def example_keys(state: TrainState, local_batch: int, axis_name):

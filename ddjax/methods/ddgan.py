@@ -15,7 +15,8 @@ import numpy as np
 import optax
 
 from ddjax import diffusion, samplers, schedules
-from ddjax.methods.base import Method, TrainState, count_params, cross_device_mean, ema_update, example_keys
+from ddjax.methods.base import (Method, TrainState, count_params, cross_device_mean, ema_update, example_keys,
+                               optimizer_step)
 from ddjax.models import create_discriminator, create_model, discriminator
 from ddjax.validation import check, check_choice, check_types
 
@@ -210,8 +211,8 @@ def train_step(state: TrainState, batch, *, generator, discriminator, optimizers
   d_grads, d_terms = jax.grad(d_loss_fn, has_aux=True)(d_params)
   d_terms['r1'], r1_grads = jax.lax.cond(state.step % lazy_reg == 0, jax.value_and_grad(r1_fn), no_r1, d_params)
   d_grads = mean(jax.tree.map(jnp.add, d_grads, r1_grads))
-  d_updates, d_opt_state = optimizers['discriminator'].update(d_grads, state.opt_state['discriminator'], d_params)
-  d_params = optax.apply_updates(d_params, d_updates)
+  d_params, d_opt_state = optimizer_step(optimizers['discriminator'], d_grads, state.opt_state['discriminator'],
+                                        d_params)
 
   # -- G: fresh pairs against the updated D.
   def g_loss_fn(g_params):
@@ -220,8 +221,7 @@ def train_step(state: TrainState, batch, *, generator, discriminator, optimizers
 
   loss_g, g_grads = jax.value_and_grad(g_loss_fn)(g_params)
   g_grads = mean(g_grads)
-  g_updates, g_opt_state = optimizers['generator'].update(g_grads, state.opt_state['generator'], g_params)
-  g_params = optax.apply_updates(g_params, g_updates)
+  g_params, g_opt_state = optimizer_step(optimizers['generator'], g_grads, state.opt_state['generator'], g_params)
 
   metrics = {name: mean(value) for name, value in {**d_terms, 'loss_g': loss_g}.items()}
   metrics['loss'] = metrics['loss_d'] + metrics['loss_g']

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import optax
 
 from ddjax import diffusion, samplers, schedules
-from ddjax.methods.base import Method, TrainState, count_params, cross_device_mean, ema_update, example_keys
+from ddjax.methods.base import (Method, TrainState, count_params, cross_device_mean, ema_update, example_keys,
+                               optimizer_step)
 from ddjax.models import create_model
 from ddjax.validation import check, check_choice, check_types
 
@@ -160,8 +161,7 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, prediction, var
     terms = jax.tree.map(lambda x: x.reshape(local_batch), terms)
   mean = cross_device_mean(axis_name)
   grads = mean(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params, opt_state = optimizer_step(tx, grads, state.opt_state, state.params)
   ema_params = ema_update(state.ema_params, params, step=state.step, ema_decay=ema_decay)
 
   # Loss by timestep quartile (IDDPM): sums and counts reduced over devices, then divided.

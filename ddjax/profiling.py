@@ -96,32 +96,29 @@ def phase_and_layer(op_name: str) -> tuple[str, str]:
 def parse_hlo(text: str) -> tuple[str, dict[str, Instruction]]:
   """(module name, every instruction of every computation by name) from a compiled program's `as_text()`."""
   module = re.match(r'HloModule ([\w.\-]+)', text).group(1)
-  raw, opcodes_in, computation = {}, collections.defaultdict(set), None
+  raw, computation = {}, None
+  opcodes_in, callees_of = collections.defaultdict(set), collections.defaultdict(set)  # by computation
   for line in text.splitlines():
     header = _COMPUTATION.match(line)
     if header:
       computation = header.group(1)
       continue
     instruction = _INSTRUCTION.match(line)
-    if not instruction or computation is None:
+    opcode = instruction and _OPCODE.search(instruction.group(2))
+    if not opcode or computation is None:
       continue
     name, rest = instruction.groups()
-    opcode = _OPCODE.search(rest).group(1)
     calls, target, op_name = _CALLS.search(rest), _TARGET.search(rest), _OP_NAME.search(rest)
-    raw[name] = (opcode, calls.group(1) if calls else None, target.group(1) if target else '',
+    raw[name] = (opcode.group(1), calls.group(1) if calls else None, target.group(1) if target else '',
                  op_name.group(1) if op_name else '')
-    opcodes_in[computation].add(opcode)
+    opcodes_in[computation].add(opcode.group(1))
     if calls:
-      opcodes_in[computation].add(('calls', calls.group(1)))
+      callees_of[computation].add(calls.group(1))
 
-  def fused(computation, seen=()):  # the opcodes of a fused computation, nested fusions included
-    ops = set()
-    for op in opcodes_in.get(computation, ()):
-      if isinstance(op, tuple):
-        ops |= fused(op[1], seen + (computation,)) if op[1] not in seen else set()
-      else:
-        ops.add(op)
-    return frozenset(ops)
+  def fused(computation, seen=frozenset()):
+    """The opcodes of a called computation and of the computations it calls in turn (nested fusions)."""
+    seen = seen | {computation}
+    return frozenset(opcodes_in[computation]).union(*(fused(c, seen) for c in callees_of[computation] - seen))
 
   instructions = {}
   for name, (opcode, calls, target, op_name) in raw.items():

@@ -15,7 +15,8 @@ seconds) lasts:
    runs out of memory; where the backend reports no memory (the CPU), 256, 384, 512, … until an attempt fails.
    A GPU compile takes about a minute, so a search that steps up from 128 would run out of time first.
 The bf16 run at 128 also traces 3 more steps (`--profile 3`): where their time goes, by kind of op (convolution,
-matmul, elementwise, ...), pass (forward, backward, optimizer, EMA) and layer, printed after the table.
+matmul, elementwise, ...), pass (forward, backward, optimizer, EMA) and layer, printed after the table with the
+step's FLOPs over its convolutions' time (a bound on their rate, as a U-Net's FLOPs are nearly all theirs).
 Then the table: images/s, ms per step, compile s, TFLOP per step (ddjax.benchmark.flops_of: XLA's cost
 analysis of the step before optimisation), MFU = those FLOPs / step time / the device's peak dense bf16 rate
 (for float32 too, so the column compares), peak device memory. Only the first GPU is used
@@ -164,6 +165,11 @@ def main():
       from ddjax.profiling import format_breakdown
       print(f"\nwhere the time of {r['run']} {r['precision']} goes (jax.profiler, ms per step):\n"
             + format_breakdown(r['profile']))
+      convolution_ms = r['profile']['by_kind'].get('convolution')
+      if convolution_ms and r.get('flops_per_step'):  # nearly all of a U-Net's FLOPs are its convolutions'
+        rate = r['flops_per_step'] / (convolution_ms / 1e3) / 1e12
+        print(f'the step\'s FLOPs over its convolutions\' time: {rate:.0f} TFLOP/s, an upper bound on their rate'
+              + (f' ({100 * rate / peak:.0f}% of the peak)' if peak else ''))
 
 
 if __name__ == '__main__':

@@ -136,6 +136,7 @@ def test_gpu_script_searches_batches_until_one_fails(monkeypatch, capsys):
   assert table.count('train largest (256; 384: out of memory)') == 2 and '10.1%' in table  # 1e12 / 10 ms / 989e12
   assert table.count('where the time of') == 1 and 'where the time of train 128 bf16 goes' in table  # bf16 only
   assert 'backward | Conv | convolution | 10.00 | 100.0% | 2' in table
+  assert "convolutions' time: 12800 TFLOP/s" in table  # 128e12 FLOPs / 10 ms (a fake device)
 
 
 def test_gpu_script_jumps_to_the_batch_its_memory_predicts(monkeypatch, capsys):

@@ -9,11 +9,12 @@ program's text:
 - layer, the Flax module it comes from: the innermost `<Class>_<n>` of its op_name (Conv, GroupNorm, Dense,
   MultiHeadDotProductAttention, ...), else the top module (UNet), else '-'.
 
-Per-device figures, in ms per call: the ops' summed time by each of the three and by (phase, layer, kind); the
-busy time (the union of the ops' intervals); the wall time of a traced call. On a GPU the ops are kernels on one
-stream and their sum is the busy time; on XLA:CPU several ops run at once, each on the thread pool, so their sum
-can exceed the wall time. Control-flow instructions (while, conditional, call) are left out: the ops of their
-bodies are events of their own.
+Figures in ms per call, on one timeline (a GPU, averaged over the GPUs; or the host, its CPU devices together):
+the wall time of a traced call, the busy time (the union of the ops' intervals), and the busy time by each of the
+three and by (phase, layer, kind). Where ops overlap (XLA:CPU runs independent ops side by side on its thread
+pool) each moment is shared evenly among the ops then running, so the parts add up to the busy time; on a GPU
+the kernels of one stream do not overlap. Control-flow instructions (while, conditional, call) are left out: the
+ops of their bodies are events of their own.
 """
 import collections
 import dataclasses
@@ -206,7 +207,7 @@ def breakdown(events, processes, threads, module: str, instructions: dict, *, ca
   counts = collections.Counter()
   for _, _, e in ops:
     i = instructions[e['args']['hlo_op']]
-    counts[i.phase, i.layer, i.kind] += per_call * 1e3
+    counts[i.phase, i.layer, i.kind] += 1 / (calls * len(timelines))
   for name, time_us in times.items():
     i = instructions[name]
     for key, value in (('kind', i.kind), ('phase', i.phase), ('layer', i.layer), ('part', (i.phase, i.layer, i.kind))):

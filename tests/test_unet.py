@@ -1,5 +1,6 @@
 """The seed U-Net: the five ImageNet-64 configs build with the right shapes; a tiny one runs and conditions."""
 import pathlib
+import re
 
 import flax.linen as nn
 import jax
@@ -168,6 +169,22 @@ def test_group_norm_with_a_per_example_affine_is_adagn():
   assert_close_with_gradients(
       jax.vjp(lambda x, g, b: normalization.group_norm(x, g, b, 24, 1e-6, True), x, gamma, beta),
       jax.vjp(adagn, x, gamma, beta), cotangent, 3e-6)
+
+
+def test_group_norm_gradient_sums_the_batch_from_its_per_example_sums():
+  """The scale's and bias's gradients (shape [C]) are reduced from the [B, C] per-example sums, not by another pass
+  over an activation-sized array: no [C]-shaped instruction of the compiled backward reads a [B, H, W, C] one."""
+  x = jnp.ones((2, 8, 8, 16))
+  grads = jax.jit(lambda x, s, b, g: jax.vjp(lambda x, s, b: normalization.group_norm(x, s, b, 4, 1e-6, True),
+                                             x, s, b)[1](g))
+  text = grads.lower(x, jnp.ones(16), jnp.zeros(16), x).compile().as_text()
+  entry = text[text.index('ENTRY'):].splitlines()[1:]
+  shapes = dict(re.findall(r'%(\S+) = (\w+\[[\d,]*\])', '\n'.join(entry)))
+  readers = [line for line in entry if re.search(r'= f32\[16\]', line)]
+  assert readers  # the two [C] gradients
+  for line in readers:
+    operands = re.findall(r'%([\w.\-]+)', line.split('=', 1)[1])
+    assert 'f32[2,8,8,16]' not in {shapes.get(name) for name in operands}, line
 
 
 @pytest.mark.parametrize('key, value, match', [

@@ -120,9 +120,9 @@ def test_gpu_script_searches_batches_until_one_fails(monkeypatch, capsys):
     if batch > 256:
       return 'out of memory'
     profiled = '--profile' in args and args[args.index('--profile') + 1] != '0'
-    profile = {'wall_ms': 12.0, 'busy_ms': 10.0, 'by_kind': {'convolution': 10.0}, 'by_phase': {'backward': 10.0},
-               'by_layer': {'Conv': 10.0}, 'top': [['backward', 'Conv', 'convolution', 10.0, 2.0]],
-               'lines': {'/device:GPU:0 Stream #7': 6}}
+    profile = {'wall_ms': 12.0, 'busy_ms': 10.0, 'span_ms': 10.0, 'by_kind': {'convolution': 10.0},
+               'by_phase': {'backward': 10.0}, 'by_layer': {'Conv': 10.0},
+               'top': [['backward', 'Conv', 'convolution', 10.0, 2.0]], 'lines': {'/device:GPU:0 Stream #7': 6}}
     return {'device_kind': 'NVIDIA H100 80GB HBM3', 'flops_per_step': 1e12 * batch, 'ms_per_step': 10.0 * batch,
             'batch_size': batch, 'images_per_sec': 100.0, 'compile_s': 1.0, 'peak_device_memory_bytes': None,
             'ms_per_network_eval': 1.0, 'overhead_ratio': 2.0, **({'profile': profile} if profiled else {})}

@@ -121,6 +121,7 @@ def test_a_gpu_trace_counts_each_kernel_once_per_gpu(gpus):
   assert result['by_kind'] == pytest.approx({'convolution': ms(400), 'matmul': ms(200), 'elementwise': ms(50)})
   assert result['by_phase'] == pytest.approx({'backward': ms(400), 'forward': ms(200), 'optimizer': ms(50)})
   assert result['busy_ms'] == pytest.approx(ms(650)) and result['wall_ms'] == pytest.approx(1.0)
+  assert result['span_ms'] == pytest.approx(ms(650))  # one stream: no overlap
   assert result['top'][0][:4] == ['backward', 'Conv', 'convolution', pytest.approx(ms(400))]
   assert result['top'][0][4] == pytest.approx(2)  # kernels per call and GPU
   assert result['lines'] == {f'/device:GPU:{g} Stream #7(Compute)': 8 for g in range(gpus)}
@@ -154,6 +155,7 @@ def test_a_cpu_trace_of_a_train_step_gives_the_convolutions_their_whole_time():
   result = profiling.profile(lambda: step(params, x), step.lower(params, x).compile().as_text(), calls=3)
   assert sum(result['by_kind'].values()) == pytest.approx(result['busy_ms'])
   assert 0.7 * result['wall_ms'] < result['busy_ms'] <= 1.01 * result['wall_ms']
+  assert result['span_ms'] >= result['busy_ms']
   assert result['by_kind']['convolution'] > 0.5 * result['busy_ms']
   assert {'forward', 'backward', 'optimizer'} <= set(result['by_phase'])
   assert {'Conv', 'Dense'} <= set(result['by_layer'])

@@ -159,17 +159,18 @@ def main():
   print(f'\ndevice: {device}; MFU against {peak or "an unknown"} TFLOP/s dense bf16 (vendor datasheet; set '
         f'GPU_SH_PEAK_TFLOPS to override){"; SMOKE (digits-sized)" if smoke else ""}')
   print(format_table(rows))
-  for r in rows:
-    if r.get('profile'):
-      sys.path.insert(0, REPO)  # the checkout, installed or not (python -m ddjax.benchmark runs from it too)
-      from ddjax.profiling import format_breakdown
-      print(f"\nwhere the time of {r['run']} {r['precision']} goes (jax.profiler, ms per step):\n"
-            + format_breakdown(r['profile']))
-      convolution_ms = r['profile']['by_kind'].get('convolution')
-      if convolution_ms and r.get('flops_per_step'):  # nearly all of a U-Net's FLOPs are its convolutions'
-        rate = r['flops_per_step'] / (convolution_ms / 1e3) / 1e12
-        print(f'the step\'s FLOPs over its convolutions\' time: {rate:.0f} TFLOP/s, an upper bound on their rate'
-              + (f' ({100 * rate / peak:.0f}% of the peak)' if peak else ''))
+  profiled = [r for r in rows if r.get('profile')]
+  if profiled:
+    sys.path.insert(0, REPO)  # the checkout, installed or not (python -m ddjax.benchmark runs from it too)
+    from ddjax.profiling import format_breakdown
+  for r in profiled:
+    print(f"\nwhere the time of {r['run']} {r['precision']} goes (jax.profiler, ms per step):\n"
+          + format_breakdown(r['profile']))
+    convolution_ms = r['profile']['by_kind'].get('convolution')
+    if convolution_ms and r.get('flops_per_step'):  # nearly all of a U-Net's FLOPs are its convolutions'
+      rate = r['flops_per_step'] / (convolution_ms / 1e3) / 1e12
+      print(f'the step\'s FLOPs over its convolutions\' time: {rate:.0f} TFLOP/s, an upper bound on their rate'
+            + (f' ({100 * rate / peak:.0f}% of the peak)' if peak else ''))
 
 
 if __name__ == '__main__':

@@ -89,8 +89,9 @@ def phase_and_layer(op_name: str) -> tuple[str, str]:
   layer = top = None
   for part in parts:
     bare = re.sub(r'^(?:\w+\()+|\)+$', '', part)  # jvp(UNet), transpose(jvp(UNet)) -> UNet
-    if _MODULE_INSTANCE.fullmatch(bare):
-      layer = _MODULE_INSTANCE.fullmatch(bare).group(1)
+    instance = _MODULE_INSTANCE.fullmatch(bare)
+    if instance:
+      layer = instance.group(1)
     elif top is None and _MODULE.fullmatch(bare):
       top = bare
   layer = layer or top
@@ -153,12 +154,13 @@ def spans(events, names: set) -> list[tuple[float, float, dict]]:
   """(start, stop, event) of each op event (its `hlo_op` in `names`). XLA:CPU's event for an op that runs on the
   thread pool (an Eigen convolution) ends when the op is handed over; an 'end: <op>' event marks when it
   completed, and is matched to the op's events first in, first out."""
+  events = sorted(events, key=lambda e: e['ts'])
   ends = collections.defaultdict(collections.deque)
-  for e in sorted(events, key=lambda e: e['ts']):
+  for e in events:
     if e['name'].startswith('end: '):
       ends[e['pid'], e['name'][5:]].append(e['ts'] + e['dur'])
   result = []
-  for e in sorted(events, key=lambda e: e['ts']):
+  for e in events:
     if e.get('args', {}).get('hlo_op') in names:
       finished = ends[e['pid'], e['args']['hlo_op']]
       result.append((e['ts'], max(e['ts'] + e['dur'], finished.popleft() if finished else 0.0), e))

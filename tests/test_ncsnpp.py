@@ -2,6 +2,7 @@
 discriminator run and condition on z and t; FIR resampling and minibatch-stddev against closed forms."""
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -138,6 +139,31 @@ def test_class_conditional_discriminator_projects_the_label():
   assert jax.eval_shape(lambda p, *a: model.apply(p, *a, train=False), params, x, t, x, labels).shape == (4,)
   with pytest.raises(ValueError, match='labels must be None'):
     discriminator_shapes(model, 8, 1)
+
+
+def test_res_block_is_its_composition():
+  """The BigGAN++ block, whose first convolution's bias and time projection are added within the second AdaGN,
+  computes (Conv₂(x) + Conv₁(AdaGN(Conv₀(AdaGN(x, z)) + Dense(SiLU(t)), z))) / √2 (AdaGN with its SiLU, as
+  AdaGroupNorm without an offset; Flax's Conv and Dense) on its parameters, in value and in every gradient."""
+  rng = np.random.default_rng(0)
+  x, t_emb, z_emb = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in ((2, 8, 8, 32), (2, 16), (2, 8)))
+  block = ncsnpp.ResBlock(out_ch=48)
+  params = block.init(jax.random.key(0), x, t_emb, z_emb, False)
+  params = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+
+  def composed(params, x):
+    p = params['params']
+    adagn = lambda name, h: ncsnpp.AdaGroupNorm().apply({'params': p[name]}, h, z_emb)
+    conv = lambda name, h, size: nn.Conv(48, (size, size)).apply({'params': p[name]}, h)
+    h = conv('Conv_0', adagn('AdaGroupNorm_0', x), 3)
+    h = h + nn.Dense(48).apply({'params': p['Dense_0']}, nn.silu(t_emb))[:, None, None]
+    return (conv('Conv_2', x, 1) + conv('Conv_1', adagn('AdaGroupNorm_1', h), 3)) / np.sqrt(2)
+
+  (out, block_vjp), (want, composed_vjp) = (jax.vjp(fn, params, x) for fn in (
+      lambda p, x: block.apply(p, x, t_emb, z_emb, False), composed))
+  cotangent = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
+  for got, expected in zip(jax.tree.leaves((out, block_vjp(cotangent))), jax.tree.leaves((want, composed_vjp(cotangent)))):
+    np.testing.assert_allclose(got, expected, atol=3e-6 * float(jnp.max(jnp.abs(expected))))
 
 
 def test_fits():

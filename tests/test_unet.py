@@ -1,4 +1,5 @@
 """The seed U-Net: the five ImageNet-64 configs build with the right shapes; a tiny one runs and conditions."""
+import functools
 import pathlib
 import re
 
@@ -169,6 +170,61 @@ def test_group_norm_with_a_per_example_affine_is_adagn():
   assert_close_with_gradients(
       jax.vjp(lambda x, g, b: normalization.group_norm(x, g, b, 24, 1e-6, True), x, gamma, beta),
       jax.vjp(adagn, x, gamma, beta), cotangent, 3e-6)
+
+
+def activation_readers(program, *args) -> int:
+  """How many instructions of the compiled program's entry computation read an [B, H, W, C]-shaped array."""
+  text = program.lower(*args).compile().as_text()
+  entry = text[text.index('ENTRY'):].splitlines()[1:]
+  shapes = dict(re.findall(r'%(\S+) = (\w+\[[\d,]*\])', '\n'.join(entry)))
+  return sum(any(shapes.get(name) == f'f32[{",".join(map(str, args[0].shape))}]'
+                 for name in re.findall(r'%([\w.\-]+)', line.split('=', 1)[1]))
+             for line in entry if '=' in line and ' parameter(' not in line)
+
+
+@pytest.mark.parametrize('per_example_affine', [False, True])
+@pytest.mark.parametrize('offset_shape', [(3, 96), (96,)])
+def test_group_norm_offset_is_the_norm_of_the_shifted_input(per_example_affine, offset_shape):
+  """group_norm(x, ..., offset=o) is the norm of x + o (o per example and channel, or per channel), SiLU fused,
+  in value and in the gradients of x, scale, bias and o; formed within the norm's own passes, so the offset costs
+  no instruction that reads an activation-sized array."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(1.0, 2.0, (3, 8, 8, 96)), jnp.float32)
+  affine_shape = (3, 96) if per_example_affine else (96,)
+  scale, bias = (jnp.asarray(rng.normal(m, 0.5, affine_shape), jnp.float32) for m in (1.0, 0.0))
+  offset = jnp.asarray(rng.normal(0.5, 3.0, offset_shape), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  norm = functools.partial(normalization.group_norm, num_groups=24, epsilon=1e-6, silu=True)
+  shifted = lambda x, s, b, o: norm(x + o.reshape(-1 if o.ndim == 2 else 1, 1, 1, 96), s, b)
+  assert_close_with_gradients(jax.vjp(lambda x, s, b, o: norm(x, s, b, offset=o), x, scale, bias, offset),
+                              jax.vjp(shifted, x, scale, bias, offset), cotangent, 3e-6)
+  with_gradients = lambda offset: jax.jit(lambda x, s, b, g, *o: jax.vjp(
+      lambda x, s, b, *o: norm(x, s, b, offset=o[0] if o else None), x, s, b, *o)[1](g))
+  assert (activation_readers(with_gradients(offset), x, scale, bias, cotangent, offset)
+          == activation_readers(with_gradients(None), x, scale, bias, cotangent))
+
+
+def test_res_block_is_its_flax_composition():
+  """The U-Net's ResBlock, whose first convolution's bias and conditioning are added within the second
+  GroupNorm, computes GN → SiLU → conv + bias + Dense(SiLU(t)) + Dense(SiLU(c)) → GN → SiLU → conv, plus x, of
+  Flax's own layers on its parameters: in value and in the gradients of every parameter and of x."""
+  rng = np.random.default_rng(0)
+  x, t_emb, c_emb = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in ((2, 8, 8, 64), (2, 32), (2, 16)))
+  block = unet.ResBlock(dropout=0.0)
+  params = block.init(jax.random.key(0), x, t_emb, c_emb, False)
+  params = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(rng.normal(size=p.shape), p.dtype), params)  # no zeros
+
+  def flax_block(params, x):
+    p = params['params']
+    norm = lambda name, h: nn.silu(nn.GroupNorm(num_groups=32).apply({'params': p[name]}, h))
+    conv = lambda name, h: nn.Conv(64, (3, 3)).apply({'params': p[name]}, h)
+    dense = lambda name, e: nn.Dense(64).apply({'params': p[name]}, nn.silu(e))
+    h = conv('Conv_0', norm('GroupNorm_0', x)) + (dense('Dense_0', t_emb) + dense('Dense_1', c_emb))[:, None, None]
+    return x + conv('Conv_1', norm('GroupNorm_1', h))
+
+  cotangent = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  assert_close_with_gradients(jax.vjp(lambda p, x: block.apply(p, x, t_emb, c_emb, False), params, x),
+                              jax.vjp(flax_block, params, x), cotangent, 3e-6)
 
 
 def test_group_norm_gradient_sums_the_batch_from_its_per_example_sums():

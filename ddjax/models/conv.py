@@ -18,6 +18,7 @@ every convolution on GPU and TPU (whose XLA maps autodiff's gradient convolution
 backward kernels), go to lax unchanged.
 """
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -88,3 +89,16 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 
 # nn.Conv with these gradients; its parameters and their names are nn.Conv's.
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
+
+
+class ConvAndBias(nn.Conv):
+  """Conv that returns its convolution and its bias apart, for a GroupNorm to add the bias within its own passes
+  (normalization.group_norm's offset): added here, it costs a pass over the whole output. The parameters, their
+  names and their initial values are Conv's (the bias is created after the kernel, as nn.Conv creates them)."""
+  use_bias: bool = False  # the convolution's; the bias is returned, not added
+  conv_general_dilated: Any = conv_general_dilated
+
+  @nn.compact
+  def __call__(self, inputs):
+    y = super().__call__(inputs)
+    return y, self.param('bias', self.bias_init, (self.features,), self.param_dtype).astype(y.dtype)

@@ -19,7 +19,7 @@ import numpy as np
 from jax import lax
 
 from ddjax.models import normalization
-from ddjax.models.conv import Conv
+from ddjax.models.conv import Conv, ConvAndBias
 
 FIR_KERNEL = (1, 3, 3, 1)
 
@@ -87,9 +87,11 @@ def group_norm(x, dtype, silu: bool = False):
   return normalization.GroupNorm(num_groups=num_groups(x.shape[-1]), dtype=dtype, silu=silu)(x)
 
 
-def conv(features: int, size: int, dtype, scale: float = 1.0, **kwargs):
-  """Conv (stride 1, 'SAME' unless kwargs say otherwise) with score_sde's init and a zero bias."""
-  return Conv(features, (size, size), kernel_init=default_init(scale), dtype=dtype, **kwargs)
+def conv(features: int, size: int, dtype, scale: float = 1.0, bias_apart: bool = False, **kwargs):
+  """Conv (stride 1, 'SAME' unless kwargs say otherwise) with score_sde's init and a zero bias; with
+  `bias_apart` a ConvAndBias, which returns its bias instead of adding it."""
+  return (ConvAndBias if bias_apart else Conv)(features, (size, size), kernel_init=default_init(scale),
+                                               dtype=dtype, **kwargs)
 
 
 def num_resolutions_ok(image_size: int, ch_mult) -> bool:
@@ -104,13 +106,14 @@ class AdaGroupNorm(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, z_emb):
+  def __call__(self, x, z_emb, offset=None):
+    """SiLU(AdaGN(x + offset, z)), offset ([C] or [B, C]) added within the norm (normalization.group_norm)."""
     c = x.shape[-1]
     bias_init = lambda key, shape, dtype: jnp.concatenate([jnp.ones(c, dtype), jnp.zeros(c, dtype)])
     style = nn.Dense(2 * c, kernel_init=dense_init(), bias_init=bias_init, dtype=self.dtype)(z_emb)
     gamma, beta = jnp.split(style.astype(jnp.float32), 2, axis=-1)
     return normalization.group_norm(x.astype(jnp.float32), gamma, beta, num_groups(c), normalization.EPSILON,
-                                    silu=True).astype(self.dtype)
+                                    silu=True, offset=offset).astype(self.dtype)
 
 
 class ResBlock(nn.Module):
@@ -135,14 +138,15 @@ class ResBlock(nn.Module):
     if self.resample != 'none':
       resample = fir_upsample if self.resample == 'up' else fir_downsample
       h, x = resample(h, self.fir_kernel), resample(x, self.fir_kernel)
-    h = conv(out_ch, 3, self.dtype)(h)
+    # The bias and the time projection are added within the norm's passes (normalization.group_norm).
+    h, offset = conv(out_ch, 3, self.dtype, bias_apart=True, name='Conv_0')(h)
     if t_emb is not None:
-      h = h + nn.Dense(out_ch, kernel_init=default_init(), dtype=self.dtype)(nn.silu(t_emb))[:, None, None, :]
-    h = AdaGroupNorm(self.dtype)(h, z_emb)
+      offset = offset + nn.Dense(out_ch, kernel_init=default_init(), dtype=self.dtype)(nn.silu(t_emb))
+    h = AdaGroupNorm(self.dtype)(h, z_emb, offset)
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
-    h = conv(out_ch, 3, self.dtype, scale=0.0)(h)
+    h = conv(out_ch, 3, self.dtype, scale=0.0, name='Conv_1')(h)
     if in_ch != out_ch or self.resample != 'none':
-      x = conv(out_ch, 1, self.dtype)(x)
+      x = conv(out_ch, 1, self.dtype, name='Conv_2')(x)
     return (x + h) / math.sqrt(2.0) if self.skip_rescale else x + h
 
 

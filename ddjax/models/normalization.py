@@ -11,6 +11,12 @@ A SiLU after the norm is fused in (`silu`): its backward recomputes the normalis
 is one elementwise pass that stores nothing of its own, where nn.silu's autodiff keeps its sigmoid, an
 activation-sized array per norm, to the backward pass. The matched 8.8M-parameter U-Net's train step at batch 32
 on XLA:CPU: temp memory 720 → 560 MiB, one core 3.24–3.40 → 3.05–3.16 s (README, Performance).
+
+An `offset` per example and channel is added to x within the norm: the residual blocks' convolution bias plus
+their time and class projections. Formed beforehand, h + bias + cond is a pass over the whole activation (XLA:CPU
+materialises it, as the sums and the normalising pass all read it), and its gradient two more reductions of one
+(the bias's and the projections'); here the sums of x + offset come from those of x, and the offset's gradient
+from the [B, C] sums the backward pass takes anyway.
 """
 import functools
 from typing import Any
@@ -36,62 +42,81 @@ def _group_mean(channel_sums, num_groups: int, pixels: int):
   return jnp.dot(channel_sums, averaging, precision=jax.lax.Precision.HIGHEST)
 
 
-def _group_stats(x, num_groups: int, epsilon: float):
-  """Each channel's group mean and 1/√(variance + ε), [B, C]; variance as E[x²] − E[x]², as Flax's."""
+def _group_stats(x, offset, num_groups: int, epsilon: float):
+  """(each channel's group mean of x + offset, 1/√(its group variance + ε), its per-channel sums), [B, C] each;
+  variance as E[x²] − E[x]², as Flax's. The sums of x + offset come from those of x, Σ(x + o) = Σx + P·o and
+  Σ(x + o)² = Σx² + o·(2·Σx + P·o) over P pixels, so that x + offset is never formed."""
   pixels = x.shape[1] * x.shape[2]
-  mean = _group_mean(jnp.sum(x, axis=(1, 2)), num_groups, pixels)
-  variance = jnp.maximum(0.0, _group_mean(jnp.sum(jnp.square(x), axis=(1, 2)), num_groups, pixels)
-                         - jnp.square(mean))
-  return mean, jax.lax.rsqrt(variance + epsilon)
+  sums, square_sums = jnp.sum(x, axis=(1, 2)), jnp.sum(jnp.square(x), axis=(1, 2))
+  if offset is not None:
+    sums, square_sums = sums + pixels * offset, square_sums + offset * (2 * sums + pixels * offset)
+  mean = _group_mean(sums, num_groups, pixels)
+  variance = jnp.maximum(0.0, _group_mean(square_sums, num_groups, pixels) - jnp.square(mean))
+  return mean, jax.lax.rsqrt(variance + epsilon), sums
 
 
-def _normalize(x, scale, bias, mean, inv_std):
+def _normalize(x, scale, bias, center, inv_std):
+  """(x − center)·inv_std·scale + bias as one multiply-add per element."""
   a = inv_std * scale
-  return x * a[:, None, None] + (bias - mean * a)[:, None, None]
+  return x * a[:, None, None] + (bias - center * a)[:, None, None]
+
+
+def group_norm(x, scale, bias, num_groups: int, epsilon: float, silu: bool = False, offset=None):
+  """(x' − μ_g)/√(σ²_g + ε)·scale + bias over NHWC float32 x' = x + offset, μ_g and σ²_g over each example's
+  group of C/num_groups channels and all pixels, then SiLU if `silu`. scale and bias are [C], or [B, C] for a
+  per-example affine (AdaGN). offset, [C], [B, C] or None, is added to every pixel within the norm's own passes:
+  a convolution's bias plus the block's conditioning, which added beforehand take a pass over the whole
+  activation of their own, and another for their gradient's sums."""
+  if offset is not None:
+    offset = jnp.broadcast_to(offset.astype(jnp.float32), (x.shape[0], x.shape[-1]))
+  return _group_norm(x, scale, bias, num_groups, epsilon, silu, offset)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def group_norm(x, scale, bias, num_groups: int, epsilon: float, silu: bool = False):
-  """(x − μ_g)/√(σ²_g + ε)·scale + bias over NHWC float32 x, μ_g and σ²_g over each example's group of
-  C/num_groups channels and all pixels, then SiLU if `silu`. scale and bias are [C], or [B, C] for a
-  per-example affine (AdaGN)."""
-  return _group_norm_forward(x, scale, bias, num_groups, epsilon, silu)[0]
+def _group_norm(x, scale, bias, num_groups, epsilon, silu, offset):
+  return _group_norm_forward(x, scale, bias, num_groups, epsilon, silu, offset)[0]
 
 
-def _group_norm_forward(x, scale, bias, num_groups, epsilon, silu):
-  mean, inv_std = _group_stats(x, num_groups, epsilon)
-  y = _normalize(x, scale, bias, mean, inv_std)
-  return jax.nn.silu(y) if silu else y, (x, scale, bias, mean, inv_std)
+def _group_norm_forward(x, scale, bias, num_groups, epsilon, silu, offset):
+  mean, inv_std, sums = _group_stats(x, offset, num_groups, epsilon)
+  center = mean if offset is None else mean - offset  # x' − μ = x − (μ − offset)
+  y = _normalize(x, scale, bias, center, inv_std)
+  return jax.nn.silu(y) if silu else y, (x, scale, bias, center, inv_std, sums, offset)
 
 
 def _group_norm_backward(num_groups, epsilon, silu, residuals, dy):
-  """With x̂ = (x − μ)·r and g = dy·scale: dx = r·(g − mean_group(g) − x̂·mean_group(g·x̂)), which is
-  dy·(r·scale) + x·(−r²·m₂) + (r²·m₂·μ − r·m₁) with m₁, m₂ those group means; all that is needed of dy
-  are its per-channel sums Σ dy and Σ dy·x. After a SiLU, dy is first multiplied by SiLU's derivative
+  """With x̂ = (x' − μ)·r and g = dy·scale: dx' = r·(g − mean_group(g) − x̂·mean_group(g·x̂)), which is
+  dy·(r·scale) + x·(−r²·m₂) + (r²·m₂·c − r·m₁) with m₁, m₂ those group means and c = μ − offset; all that is
+  needed of dy are its per-channel sums Σ dy and Σ dy·x. dx = dx', and the offset's gradient is dx' summed over
+  the pixels, from those sums too. After a SiLU, dy is first multiplied by SiLU's derivative
   σ(y)·(1 + y·(1 − σ(y))) at the normalised values y, recomputed here from x."""
   del epsilon
-  x, scale, bias, mean, inv_std = residuals
+  x, scale, bias, center, inv_std, sums, offset = residuals
   if silu:
     # The barrier keeps XLA from merging this recomputation with the forward pass's (CSE), which would bring
     # back the stored sigmoid.
-    y = _normalize(*jax.lax.optimization_barrier(residuals))
+    y = _normalize(*jax.lax.optimization_barrier((x, scale, bias, center, inv_std)))
     sigmoid = jax.nn.sigmoid(y)
     dy = dy * sigmoid * (1 + y * (1 - sigmoid))
   pixels = x.shape[1] * x.shape[2]
   sum_dy = jnp.sum(dy, axis=(1, 2))                                    # [B, C]
-  sum_dy_xhat = inv_std * (jnp.sum(dy * x, axis=(1, 2)) - mean * sum_dy)
-  m1, m2 = (_group_mean(scale * sums, num_groups, pixels) for sums in (sum_dy, sum_dy_xhat))
+  sum_dy_xhat = inv_std * (jnp.sum(dy * x, axis=(1, 2)) - center * sum_dy)
+  m1, m2 = (_group_mean(scale * per_channel, num_groups, pixels) for per_channel in (sum_dy, sum_dy_xhat))
   slope = -jnp.square(inv_std) * m2
-  dx = dy * (inv_std * scale)[:, None, None] + x * slope[:, None, None] + (-slope * mean - inv_std * m1)[:, None, None]
+  shift = -slope * center - inv_std * m1
+  dx = dy * (inv_std * scale)[:, None, None] + x * slope[:, None, None] + shift[:, None, None]
+  # dx summed over the pixels; `sums` are those of x' = x + offset, so Σx = sums − P·offset.
+  d_offset = None if offset is None else (
+      inv_std * scale * sum_dy + slope * (sums - pixels * offset) + pixels * shift)
   if scale.ndim == 2:  # a per-example affine: its gradients per example
-    return dx, sum_dy_xhat, sum_dy
+    return dx, sum_dy_xhat, sum_dy, d_offset
   # The batch's sums from the [B, C] ones. Without the barrier XLA folds sum(sum(dy, (1, 2)), 0) into a second
   # reduction of the whole of dy: one more activation-sized pass (16 MiB at 32×32×32×128).
   sum_dy_xhat, sum_dy = jax.lax.optimization_barrier((sum_dy_xhat, sum_dy))
-  return dx, jnp.sum(sum_dy_xhat, axis=0), jnp.sum(sum_dy, axis=0)
+  return dx, jnp.sum(sum_dy_xhat, axis=0), jnp.sum(sum_dy, axis=0), d_offset
 
 
-group_norm.defvjp(_group_norm_forward, _group_norm_backward)
+_group_norm.defvjp(_group_norm_forward, _group_norm_backward)
 
 
 class GroupNorm(nn.Module):
@@ -103,9 +128,10 @@ class GroupNorm(nn.Module):
   silu: bool = False
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, offset=None):
+    """GroupNorm of x + offset ([C] or [B, C], added within the norm's passes: see group_norm)."""
     c = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (c,))
     bias = self.param('bias', nn.initializers.zeros, (c,))
-    y = group_norm(x.astype(jnp.float32), scale, bias, self.num_groups, self.epsilon, self.silu)
+    y = group_norm(x.astype(jnp.float32), scale, bias, self.num_groups, self.epsilon, self.silu, offset)
     return y.astype(self.dtype)

@@ -11,7 +11,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ddjax.models.conv import Conv
+from ddjax.models.conv import Conv, ConvAndBias
 from ddjax.models.normalization import GroupNorm
 
 zeros = nn.initializers.zeros
@@ -22,8 +22,8 @@ def largest_divisor(n: int, limit: int) -> int:
   return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
-def group_norm(x, dtype, silu: bool = False):
-  return GroupNorm(num_groups=largest_divisor(x.shape[-1], 32), dtype=dtype, silu=silu)(x)
+def group_norm(x, dtype, silu: bool = False, offset=None):
+  return GroupNorm(num_groups=largest_divisor(x.shape[-1], 32), dtype=dtype, silu=silu)(x, offset)
 
 
 def upsample_nearest(x):
@@ -55,14 +55,14 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x, t_emb, c_emb, train):
     c = x.shape[-1]
-    h = Conv(c, (3, 3), dtype=self.dtype)(group_norm(x, self.dtype, silu=True))
+    h, conv_bias = ConvAndBias(c, (3, 3), dtype=self.dtype, name='Conv_0')(group_norm(x, self.dtype, silu=True))
     cond = nn.Dense(c, dtype=self.dtype)(nn.silu(t_emb))
     if c_emb is not None:
       cond = cond + nn.Dense(c, dtype=self.dtype)(nn.silu(c_emb))
-    h = h + cond[:, None, None, :]
-    h = group_norm(h, self.dtype, silu=True)
+    # h + bias + cond, added within the norm's own passes (normalization.group_norm's offset).
+    h = group_norm(h, self.dtype, silu=True, offset=conv_bias + cond)
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
-    return x + Conv(c, (3, 3), kernel_init=zeros, dtype=self.dtype)(h)
+    return x + Conv(c, (3, 3), kernel_init=zeros, dtype=self.dtype, name='Conv_1')(h)
 
 
 class ConvNeXtBlock(nn.Module):

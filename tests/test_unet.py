@@ -172,14 +172,19 @@ def test_group_norm_with_a_per_example_affine_is_adagn():
       jax.vjp(adagn, x, gamma, beta), cotangent, 3e-6)
 
 
-def activation_readers(program, *args) -> int:
-  """How many instructions of the compiled program's entry computation read an [B, H, W, C]-shaped array."""
+def compiled_entry(program, *args) -> list[tuple[str, str, set]]:
+  """(name, shape, operands' shapes) of each instruction of the compiled program's entry computation."""
   text = program.lower(*args).compile().as_text()
-  entry = text[text.index('ENTRY'):].splitlines()[1:]
-  shapes = dict(re.findall(r'%(\S+) = (\w+\[[\d,]*\])', '\n'.join(entry)))
-  return sum(any(shapes.get(name) == f'f32[{",".join(map(str, args[0].shape))}]'
-                 for name in re.findall(r'%([\w.\-]+)', line.split('=', 1)[1]))
-             for line in entry if '=' in line and ' parameter(' not in line)
+  entry = re.findall(r'^\s*(?:ROOT )?%(\S+) = (\w+\[[\d,]*\])\S* (.*)$', text[text.index('ENTRY'):], re.MULTILINE)
+  shapes = {name: shape for name, shape, _ in entry}
+  return [(name, shape, {shapes.get(operand) for operand in re.findall(r'%([\w.\-]+)', rest)})
+          for name, shape, rest in entry]
+
+
+def activation_readers(program, x, *args) -> int:
+  """How many instructions of the compiled program(x, *args) read an array of x's shape."""
+  activation = f'f32[{",".join(map(str, x.shape))}]'
+  return sum(activation in operands for _, _, operands in compiled_entry(program, x, *args))
 
 
 @pytest.mark.parametrize('per_example_affine', [False, True])
@@ -233,14 +238,11 @@ def test_group_norm_gradient_sums_the_batch_from_its_per_example_sums():
   x = jnp.ones((2, 8, 8, 16))
   grads = jax.jit(lambda x, s, b, g: jax.vjp(lambda x, s, b: normalization.group_norm(x, s, b, 4, 1e-6, True),
                                              x, s, b)[1](g))
-  text = grads.lower(x, jnp.ones(16), jnp.zeros(16), x).compile().as_text()
-  entry = text[text.index('ENTRY'):].splitlines()[1:]
-  shapes = dict(re.findall(r'%(\S+) = (\w+\[[\d,]*\])', '\n'.join(entry)))
-  readers = [line for line in entry if re.search(r'= f32\[16\]', line)]
+  readers = [(name, operands) for name, shape, operands in compiled_entry(grads, x, jnp.ones(16), jnp.zeros(16), x)
+             if shape == 'f32[16]']
   assert readers  # the two [C] gradients
-  for line in readers:
-    operands = re.findall(r'%([\w.\-]+)', line.split('=', 1)[1])
-    assert 'f32[2,8,8,16]' not in {shapes.get(name) for name in operands}, line
+  for name, operands in readers:
+    assert 'f32[2,8,8,16]' not in operands, name
 
 
 @pytest.mark.parametrize('key, value, match', [

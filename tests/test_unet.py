@@ -118,8 +118,21 @@ def test_helpers():
   assert [unet.largest_divisor(c, 32) for c in (16, 48, 128, 192, 24)] == [16, 24, 32, 32, 24]
   emb = unet.timestep_embedding(jnp.array([0, 10]), 8)
   np.testing.assert_allclose(emb[0], [1, 1, 1, 1, 0, 0, 0, 0])
-  x = jnp.arange(2 * 3 * 5 * 2, dtype=jnp.float32).reshape(2, 3, 5, 2)
-  np.testing.assert_array_equal(unet.upsample_nearest(x), jax.image.resize(x, (2, 6, 10, 2), 'nearest'))
+
+
+def test_upsampled_conv_is_the_convolution_of_the_upsampled_image():
+  """upsampled_conv (four 2×2 phase convolutions of the low-resolution image) is the 3×3 SAME convolution of the
+  nearest-upsampled image, in value and in the gradients of the image and the kernel, on a non-square image."""
+  rng = np.random.default_rng(0)
+  x, kernel = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in ((2, 5, 7, 6), (3, 3, 6, 4)))
+
+  def upsampled_then_convolved(x, kernel):
+    return jax.lax.conv_general_dilated(jax.image.resize(x, (2, 10, 14, 6), 'nearest'), kernel, (1, 1), 'SAME',
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision='highest')
+
+  assert_close_with_gradients(jax.vjp(lambda x, k: unet.upsampled_conv(x, k, (1, 1), 'SAME'), x, kernel),
+                              jax.vjp(upsampled_then_convolved, x, kernel),
+                              jnp.asarray(rng.normal(size=(2, 10, 14, 4)), jnp.float32), 3e-6)
 
 
 def assert_close_with_gradients(ours, reference, cotangent, tolerance):

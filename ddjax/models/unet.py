@@ -9,9 +9,11 @@ import math
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
-from ddjax.models.conv import Conv, ConvAndBias
+from ddjax.models.conv import Conv, ConvAndBias, conv_general_dilated
 from ddjax.models.normalization import GroupNorm
 
 zeros = nn.initializers.zeros
@@ -26,11 +28,31 @@ def group_norm(x, dtype, silu: bool = False, offset=None):
   return GroupNorm(num_groups=largest_divisor(x.shape[-1], 32), dtype=dtype, silu=silu)(x, offset)
 
 
-def upsample_nearest(x):
-  """Each pixel repeated 2×2: jax.image.resize(method='nearest') exactly, as a broadcast (that one gathers,
-  and scatters in the backward pass: 3.3 ms a call at 32×32×32×64 on XLA:CPU)."""
-  b, h, w, c = x.shape
-  return jnp.broadcast_to(x[:, :, None, :, None], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+# For the output rows of each parity (0: even, 1: odd), which of a 3×3 kernel's rows reach each of the two input
+# rows they see (i − 1 and i for even rows, i and i + 1 for odd ones) after a nearest 2× upsampling; likewise for
+# columns.
+_UPSAMPLED_TAPS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.float32)
+
+
+def upsampled_conv(lhs, rhs, window_strides, padding, *, precision=None, **dilations_and_layout):
+  """The 3×3 'SAME' convolution of lhs upsampled 2× by nearest neighbour, computed on lhs itself: each of the
+  output's four phases (row and column parity) sees two rows and two columns of lhs, so it is a 2×2 convolution
+  of lhs with the 3×3 kernel's taps summed accordingly, and the four are one convolution with 4× the output
+  channels, interleaved after. 16 taps over H×W instead of 9 over 2H×2W, 44% of the multiplications, and the
+  upsampled image is never formed (nor kept for the weight gradient). Equal to the convolution of the upsampled
+  image within float32 rounding. Given to Conv as its conv_general_dilated; the parameters are Conv's."""
+  if rhs.shape[:2] != (3, 3) or tuple(window_strides) != (1, 1) or padding != 'SAME':
+    raise ValueError(f'upsampled_conv: a 3×3 stride-1 SAME kernel, got {rhs.shape[:2]}, {window_strides}, {padding}')
+  b, h, w, _ = lhs.shape
+  c_out = rhs.shape[-1]
+  taps = jnp.asarray(_UPSAMPLED_TAPS)
+  kernel = jnp.einsum('prh,qsw,hwio->rsipqo', taps, taps, rhs.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST).reshape(2, 2, rhs.shape[2], 4 * c_out)
+  phases = conv_general_dilated(lhs, kernel.astype(rhs.dtype), (1, 1), ((1, 1), (1, 1)),
+                                dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=precision)
+  phases = phases.reshape(b, h + 1, w + 1, 2, 2, c_out)  # output (2i + p, 2j + q) is phases[i + p, j + q, p, q]
+  rows = [jnp.stack([phases[:, p:p + h, q:q + w, p, q] for q in (0, 1)], axis=3) for p in (0, 1)]
+  return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, c_out)
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10_000.0):
@@ -205,9 +227,8 @@ class UNet(nn.Module):
       x = jnp.concatenate([x, skips.pop()], axis=-1)
       x = Conv(self.width(level), (1, 1), dtype=self.dtype)(x)
       x = self.apply_blocks(x, t_emb, c_emb, train, f'up{level}')
-      if level > 0:
-        x = upsample_nearest(x)
-        x = Conv(self.width(level - 1), (3, 3), dtype=self.dtype)(x)
+      if level > 0:  # nearest 2× upsampling, then a 3×3 convolution: computed as one (upsampled_conv)
+        x = Conv(self.width(level - 1), (3, 3), dtype=self.dtype, conv_general_dilated=upsampled_conv)(x)
 
     x = group_norm(x, self.dtype, silu=True)
     x = Conv(self.out_channels, (3, 3), kernel_init=zeros, dtype=self.dtype)(x)

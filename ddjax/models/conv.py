@@ -28,7 +28,7 @@ from jax import lax
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 
 
-def _is_one(values) -> bool:
+def is_one(values) -> bool:
   return values is None or all(v == 1 for v in values)
 
 
@@ -36,8 +36,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
                          preferred_element_type=None):
   """lax.conv_general_dilated, with canonical gradients for 2-D stride-1 NHWC/HWIO convolutions on a CPU."""
-  simple = (jax.default_backend() == 'cpu' and lhs.ndim == 4 and _is_one(window_strides)
-            and _is_one(lhs_dilation) and _is_one(rhs_dilation) and feature_group_count == 1
+  simple = (jax.default_backend() == 'cpu' and lhs.ndim == 4 and is_one(window_strides)
+            and is_one(lhs_dilation) and is_one(rhs_dilation) and feature_group_count == 1
             and batch_group_count == 1 and preferred_element_type is None
             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC)
   if not simple:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddjax.models.conv import Conv, ConvAndBias, conv_general_dilated
+from ddjax.models.conv import Conv, ConvAndBias, conv_general_dilated, is_one
 from ddjax.models.normalization import GroupNorm
 
 zeros = nn.initializers.zeros
@@ -34,15 +34,19 @@ def group_norm(x, dtype, silu: bool = False, offset=None):
 _UPSAMPLED_TAPS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.float32)
 
 
-def upsampled_conv(lhs, rhs, window_strides, padding, *, precision=None, **dilations_and_layout):
+def upsampled_conv(lhs, rhs, window_strides, padding, *, lhs_dilation=None, rhs_dilation=None,
+                   dimension_numbers=None, feature_group_count=1, precision=None):
   """The 3×3 'SAME' convolution of lhs upsampled 2× by nearest neighbour, computed on lhs itself: each of the
   output's four phases (row and column parity) sees two rows and two columns of lhs, so it is a 2×2 convolution
   of lhs with the 3×3 kernel's taps summed accordingly, and the four are one convolution with 4× the output
   channels, interleaved after. 16 taps over H×W instead of 9 over 2H×2W, 44% of the multiplications, and the
   upsampled image is never formed (nor kept for the weight gradient). Equal to the convolution of the upsampled
   image within float32 rounding. Given to Conv as its conv_general_dilated; the parameters are Conv's."""
-  if rhs.shape[:2] != (3, 3) or tuple(window_strides) != (1, 1) or padding != 'SAME':
-    raise ValueError(f'upsampled_conv: a 3×3 stride-1 SAME kernel, got {rhs.shape[:2]}, {window_strides}, {padding}')
+  plain = all(is_one(v) for v in (window_strides, lhs_dilation, rhs_dilation)) and feature_group_count == 1
+  if rhs.shape[:2] != (3, 3) or padding != 'SAME' or not plain or lhs.ndim != 4:
+    raise ValueError(f'upsampled_conv takes a 3×3 SAME NHWC convolution without strides, dilations or groups; '
+                     f'got kernel {rhs.shape}, strides {window_strides}, padding {padding}')
+  del dimension_numbers  # NHWC / HWIO, nn.Conv's
   b, h, w, _ = lhs.shape
   c_out = rhs.shape[-1]
   taps = jnp.asarray(_UPSAMPLED_TAPS)

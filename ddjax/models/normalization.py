@@ -43,16 +43,17 @@ def _group_mean(channel_sums, num_groups: int, pixels: int):
 
 
 def _group_stats(x, offset, num_groups: int, epsilon: float):
-  """(each channel's group mean of x + offset, 1/√(its group variance + ε), its per-channel sums), [B, C] each;
+  """(each channel's group mean of x + offset, 1/√(its group variance + ε), the per-channel sums of x), [B, C];
   variance as E[x²] − E[x]², as Flax's. The sums of x + offset come from those of x, Σ(x + o) = Σx + P·o and
   Σ(x + o)² = Σx² + o·(2·Σx + P·o) over P pixels, so that x + offset is never formed."""
   pixels = x.shape[1] * x.shape[2]
-  sums, square_sums = jnp.sum(x, axis=(1, 2)), jnp.sum(jnp.square(x), axis=(1, 2))
+  x_sums = sums = jnp.sum(x, axis=(1, 2))
+  square_sums = jnp.sum(jnp.square(x), axis=(1, 2))
   if offset is not None:
-    sums, square_sums = sums + pixels * offset, square_sums + offset * (2 * sums + pixels * offset)
+    sums, square_sums = x_sums + pixels * offset, square_sums + offset * (2 * x_sums + pixels * offset)
   mean = _group_mean(sums, num_groups, pixels)
   variance = jnp.maximum(0.0, _group_mean(square_sums, num_groups, pixels) - jnp.square(mean))
-  return mean, jax.lax.rsqrt(variance + epsilon), sums
+  return mean, jax.lax.rsqrt(variance + epsilon), x_sums
 
 
 def _normalize(x, scale, bias, center, inv_std):
@@ -78,10 +79,11 @@ def _group_norm(x, scale, bias, num_groups, epsilon, silu, offset):
 
 
 def _group_norm_forward(x, scale, bias, num_groups, epsilon, silu, offset):
-  mean, inv_std, sums = _group_stats(x, offset, num_groups, epsilon)
+  mean, inv_std, x_sums = _group_stats(x, offset, num_groups, epsilon)
   center = mean if offset is None else mean - offset  # x' − μ = x − (μ − offset)
   y = _normalize(x, scale, bias, center, inv_std)
-  return jax.nn.silu(y) if silu else y, (x, scale, bias, center, inv_std, sums, offset)
+  # x's sums only for the offset's gradient
+  return jax.nn.silu(y) if silu else y, (x, scale, bias, center, inv_std, None if offset is None else x_sums)
 
 
 def _group_norm_backward(num_groups, epsilon, silu, residuals, dy):
@@ -91,7 +93,7 @@ def _group_norm_backward(num_groups, epsilon, silu, residuals, dy):
   the pixels, from those sums too. After a SiLU, dy is first multiplied by SiLU's derivative
   σ(y)·(1 + y·(1 − σ(y))) at the normalised values y, recomputed here from x."""
   del epsilon
-  x, scale, bias, center, inv_std, sums, offset = residuals
+  x, scale, bias, center, inv_std, x_sums = residuals
   if silu:
     # The barrier keeps XLA from merging this recomputation with the forward pass's (CSE), which would bring
     # back the stored sigmoid.
@@ -105,9 +107,8 @@ def _group_norm_backward(num_groups, epsilon, silu, residuals, dy):
   slope = -jnp.square(inv_std) * m2
   shift = -slope * center - inv_std * m1
   dx = dy * (inv_std * scale)[:, None, None] + x * slope[:, None, None] + shift[:, None, None]
-  # dx summed over the pixels; `sums` are those of x' = x + offset, so Σx = sums − P·offset.
-  d_offset = None if offset is None else (
-      inv_std * scale * sum_dy + slope * (sums - pixels * offset) + pixels * shift)
+  # dx summed over the pixels
+  d_offset = None if x_sums is None else inv_std * scale * sum_dy + slope * x_sums + pixels * shift
   if scale.ndim == 2:  # a per-example affine: its gradients per example
     return dx, sum_dy_xhat, sum_dy, d_offset
   # The batch's sums from the [B, C] ones. Without the barrier XLA folds sum(sum(dy, (1, 2)), 0) into a second

@@ -142,6 +142,9 @@ def test_train_step_compiles_once(mode, setup):
   assert first > before and compilations() == first  # steps 2 and 3 reuse step 1's executable
   assert int(mapper.unreplicate(replicated.step)) == 3
   assert np.isfinite(mapper.unreplicate(metrics)['loss'])
+  # One device here: the gradient mean is the identity, not an all-reduce that copies every gradient.
+  assert jax.device_count() == 1
+  assert 'all-reduce' not in step_fn.lower(replicated, mapper.shard_batch(batches[0])).compile().as_text()
 
 
 def test_grad_accumulation_equals_full_batch(setup):

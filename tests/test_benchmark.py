@@ -75,6 +75,16 @@ def test_time_steps_rejects_a_step_that_recompiles():
   assert len(timings.step_s) == 3 and timings.compile_s >= 0 and 0 <= timings.wait_fraction <= 1
 
 
+def test_time_alternating_interleaves_the_programs():
+  """A sampler and its bare forward are timed in alternation (one call of each per step), each program's own
+  timings kept apart."""
+  calls = []
+  programs = [(lambda name=name: name, lambda name: calls.append(name) or jnp.ones(2)) for name in 'ab']
+  first, second = benchmark.time_alternating(programs, warmup=1, steps=3)
+  assert calls == list('ab' * 5)
+  assert len(first.step_s) == len(second.step_s) == 3 and first.first_s > 0 and second.first_s > 0
+
+
 def test_flops_count_convolutions_in_closed_form():
   """flops_of counts the program before optimisation, lowered for the CPU on every backend (a GPU's compiled
   program counts cuDNN's convolutions as nothing): a 3x3 SAME convolution is 2 * N * C_in * C_out * (the valid

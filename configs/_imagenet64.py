@@ -34,8 +34,8 @@ def get_config(*, blocks, ch=128):
   model.attn_resolution = 16
   model.t_dim = 512
   model.c_dim = 512
-  # At 128 per device in float32 every variant's train step takes <= 45 GiB (benchmarks/memory.py): no remat on
-  # an 80 GB GPU. On a 40 GB one: model.remat=True (<= 14 GiB) or train.grad_accum_steps=2 (<= 20 GiB).
+  # At 128 per device in float32 every variant's train step takes <= 31 GiB (benchmarks/memory.py): no remat on
+  # an 80 GB GPU. On a 40 GB one: model.remat=True (<= 13 GiB) or train.grad_accum_steps=2 (<= 20 GiB).
   model.remat = False
 
   train = config.train

@@ -79,31 +79,37 @@ def _shard_batches(config, builder, split, shard, num_shards, start_step) -> tf.
         f'{examples_per_shard} examples of {data.dataset!r} {split!r}, fewer than its batch of {shard_batch}')
 
   key = tf.constant([config.seed, shard], tf.int64)
+  epoch_key = lambda epoch_index: tf.random.experimental.stateless_fold_in(key, epoch_index)
 
   def epoch(epoch_index):
-    """The shard in the order of `epoch_index`, each example with its own flip key."""
-    epoch_key = tf.random.experimental.stateless_fold_in(key, epoch_index)
-    shuffle_seed = tf.random.stateless_uniform([], epoch_key, minval=None, maxval=None,
+    """The shard in the order of `epoch_index`."""
+    shuffle_seed = tf.random.stateless_uniform([], epoch_key(epoch_index), minval=None, maxval=None,
                                                dtype=tf.int64)
-    flip_key = lambda i: tf.random.experimental.stateless_fold_in(epoch_key, i)
-    return (examples.shuffle(data.shuffle_buffer, seed=shuffle_seed).enumerate()
-            .map(lambda i, example: (example, flip_key(i))))
+    return examples.shuffle(data.shuffle_buffer, seed=shuffle_seed)
 
   image_feature = builder.info.features['image']
   has_labels = 'label' in builder.info.features  # unlabelled sets (celeb_a, lsun) get class 0
 
-  def preprocess(example, flip_key):
+  def preprocess(position, example):
+    """The example at `position` in the shard's stream (epoch · examples_per_shard + its index in the epoch),
+    decoded, resized and flipped with a key of its own: those of the epoch and the index."""
     image = to_model_space(image_feature.decode_example(example['image']), data.image_size,
                             data.num_channels)
     if data.random_flip:
+      flip_key = tf.random.experimental.stateless_fold_in(epoch_key(position // examples_per_shard),
+                                                          position % examples_per_shard)
       image = tf.image.stateless_random_flip_left_right(image, flip_key)
     label = tf.cast(example['label'], tf.int32) if has_labels else tf.constant(0, tf.int32)
     return {'image': image, 'label': label}
 
+  # The flip keys are made in the parallel map from each example's position, not by a map of their own in the
+  # sequential part (shuffle, skip, enumerate), which capped a shard at 34k examples/s where the sequential part
+  # alone runs 150k/s (one core of a 2.6 GHz EPYC): an 8-GPU node training ImageNet-64 in bf16 takes 17-21k/s.
   position = start_step * shard_batch
   return (tf.data.Dataset.range(position // examples_per_shard, np.iinfo(np.int64).max)
           .flat_map(epoch)
           .skip(position % examples_per_shard)
+          .enumerate(start=position)
           .map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
           .batch(shard_batch, drop_remainder=True))
 

@@ -33,6 +33,16 @@ def take(iterator, n):
   return list(itertools.islice(iterator, n))
 
 
+def sorted_rows(images) -> list:
+  """Images (pixels or model-space floats) as the sorted list of their bytes: equal for the same images in any
+  order."""
+  return sorted(map(bytes, images.reshape(len(images), -1)))
+
+
+def to_pixels(model_images):
+  return np.round((model_images + 1) * 127.5).astype(np.uint8)
+
+
 def assert_same_batches(batches, expected):
   assert len(batches) == len(expected)
   for batch, want in zip(batches, expected):
@@ -95,8 +105,7 @@ def test_epochs_are_reshuffled_and_cover_the_split(digits_dir):
   epoch0 = np.concatenate([b['image'] for b in batches[:2]])
   epoch1 = np.concatenate([b['image'] for b in batches[2:]])
   assert not np.array_equal(epoch0, epoch1)
-  as_rows = lambda images: sorted(map(bytes, images.reshape(len(images), -1)))
-  assert as_rows(epoch0) == as_rows(epoch1)  # each epoch is the whole split once
+  assert sorted_rows(epoch0) == sorted_rows(epoch1)  # each epoch is the whole split once
 
 
 @pytest.mark.parametrize('start_step', [5, 22, 23, 50])
@@ -165,9 +174,21 @@ def test_mocked_images_unchanged_when_sizes_match(tmp_path):
   with tfds.testing.mock_data(num_examples=20):
     raw = np.stack([ex['image'] for ex in tfds.as_numpy(tfds.load('cifar10', split='train'))])
     batch = next(data.create_dataset(config))
-  as_rows = lambda images: sorted(map(bytes, images.reshape(len(images), -1)))
-  pixels = np.round((batch['image'] + 1) * 127.5).astype(np.uint8)
-  assert as_rows(pixels) == as_rows(raw)
+  assert sorted_rows(to_pixels(batch['image'])) == sorted_rows(raw)
+
+
+def test_files_in_the_real_format(tmp_path):
+  """ImageNet-64 as `tfds build` leaves it (TFRecord shards of PNG examples and their dataset_info), random
+  content (benchmarks/input_pipeline.py writes it): found prepared, and one epoch's batch is its images."""
+  from benchmarks import input_pipeline
+  config = make_config(str(tmp_path), dataset='imagenet_resized/64x64', image_size=64, num_channels=3,
+                       batch_size=32)
+  input_pipeline.write_random_dataset(config, str(tmp_path), num_examples=32)
+  data.check_prepared(config, 'train')
+  raw = np.stack([ex['image'] for ex in tfds.as_numpy(tfds.load('imagenet_resized/64x64', split='train',
+                                                                   data_dir=str(tmp_path)))])
+  batch = next(data.create_dataset(config))
+  assert raw.shape == (32, 64, 64, 3) and sorted_rows(to_pixels(batch['image'])) == sorted_rows(raw)
 
 
 # ---------------------------------------------------------------- bad input

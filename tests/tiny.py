@@ -53,12 +53,13 @@ def _configured(config, data_dir, settings):
   return config
 
 
-def main_args(workdir, data_dir=None, **overrides):
-  """The ddjax.main arguments of the tiny config with `overrides`."""
-  flags = [f'--config.{k}={v}' for k, v in {**TINY, **overrides}.items()]
+def main_args(workdir, data_dir=None, *, ddgan=False, **overrides):
+  """The ddjax.main arguments of the tiny config (TINY_DDGAN's if `ddgan`) with `overrides`."""
+  config, tiny = ('configs/digits_ddgan.py', TINY_DDGAN) if ddgan else ('configs/digits.py', TINY)
+  flags = [f'--config.{k}={v}' for k, v in {**tiny, **overrides}.items()]
   if data_dir:
     flags.append(f'--config.data.data_dir={data_dir}')
-  return ['--config', 'configs/digits.py', '--workdir', str(workdir), *flags]
+  return ['--config', config, '--workdir', str(workdir), *flags]
 
 
 def xla_flags(devices: int) -> str:
@@ -93,11 +94,11 @@ def run_main_in_process(args) -> subprocess.CompletedProcess:
   return subprocess.CompletedProcess(args, status, stdout.getvalue(), stderr.getvalue())
 
 
-def run_processes(num_processes, devices, workdir, data_dir=None, *, timeout=600, **overrides):
-  """The tiny config through launch/local_multiprocess.sh: `num_processes` jax.distributed processes on this
-  machine with `devices` CPU devices each."""
+def run_processes(num_processes, devices, workdir, data_dir=None, *, ddgan=False, timeout=600, **overrides):
+  """The tiny config (main_args) through launch/local_multiprocess.sh: `num_processes` jax.distributed processes on
+  this machine with `devices` CPU devices each."""
   return subprocess.run(['bash', 'launch/local_multiprocess.sh', str(num_processes), str(devices),
-                         *main_args(workdir, data_dir, **overrides)], cwd=REPO,
+                         *main_args(workdir, data_dir, ddgan=ddgan, **overrides)], cwd=REPO,
                         env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True,
                         timeout=timeout)
 

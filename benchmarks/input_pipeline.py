@@ -54,7 +54,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--config', default='configs/imagenet64_res_res.py')
   parser.add_argument('--batch', type=int, default=1024, help="one host's batch")
-  parser.add_argument('--examples', type=int, default=8192, help='examples written (a multiple of 8)')
+  parser.add_argument('--examples', type=int, default=8192, help='examples written, in 8 shards')
   parser.add_argument('--batches', type=int, default=40, help='batches timed, after 5 untimed')
   args = parser.parse_args()
   config = config_lib.load_config_module(args.config).get_config()

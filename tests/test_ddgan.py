@@ -207,9 +207,9 @@ def test_sigterm_on_8_devices_saves_exits_143_and_continues_on_1(straight, data_
   steps normalise near-zero gradient components (the discriminator's last convolution starts at 1e-10), so a
   reassociation-level difference in one becomes an O(lr) difference in the parameter, and the game carries it on;
   so the later steps are compared loosely."""
-  result = subprocess.run(
-      [sys.executable, '-m', 'tests.faults', 'sigterm_at_step', '6', *main_args(tmp_path, data_dir, ddgan=True, **RUN)],
-      cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ, XLA_FLAGS=xla_flags(8)))
+  args = main_args(tmp_path, data_dir, ddgan=True, **RUN)
+  result = subprocess.run([sys.executable, '-m', 'tests.faults', 'sigterm_at_step', '6', *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, XLA_FLAGS=xla_flags(8)))
   assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
   saved = checkpoint.create_manager(str(tmp_path), read_only=True).latest_step()
   assert f'ddjax: preempted (SIGTERM) at step {saved}: saved checkpoint {saved}' in result.stderr

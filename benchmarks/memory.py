@@ -4,8 +4,8 @@ default, any shipped config by name (the DDGAN ones too).
 The config's method's real train step (methods.diffusion / methods.ddgan train_step) at `--per_device` images (by
 default the config's global batch over 8 devices: the seed's 128 for ImageNet-64), with axis_name=None: the
 per-device program of data parallelism (the gradient pmeans are the only difference). DDGAN's lazy R1 branch
-(a double backward under lax.cond) is in the program, so its figures cover the R1 steps. Compiled on ShapeDtypeStructs with the state donated,
-as training does, and never run. Figures are XLA's `memory_analysis()` of the compiled program:
+(a double backward under lax.cond) is in the program, so its figures cover the R1 steps. Compiled on
+ShapeDtypeStructs with the state donated, as training does, and never run. Figures are XLA's `memory_analysis()` of the compiled program:
   temp    activations kept for the backward pass and other scratch buffers
   args    the inputs: the TrainState (params, EMA, AdamW moments, step, rng) and the batch
   output  the new TrainState and the metrics; with the state donated it is written over the arguments

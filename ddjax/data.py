@@ -6,6 +6,7 @@ its i-th example uses a stateless key derived from the same key, e and i. Resumi
 starts directly at epoch s*host_batch // n (n examples per host) and skips only the rest within
 it, so resuming costs no more after many epochs than after one.
 """
+import fcntl
 import os
 from collections.abc import Iterator
 
@@ -121,9 +122,15 @@ def prepared_builder(name, data_dir):
   except tfds.core.registered.DatasetNotFoundError:
     raise DatasetNotFoundError(f'config.data.dataset={name!r} is not a TFDS dataset '
                                '(see https://www.tensorflow.org/datasets/catalog)') from None
-  if builder.name in _BUILT_IN:
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  if builder.name in _BUILT_IN and not builder.is_prepared():
+    # Every process of a multi-process run comes here at once with the same data_dir (and so may a run started
+    # beside another): unserialised, TFDS's renames of their incomplete copies collide and all but one fail. Under
+    # the lock one prepares it; the others then find it prepared and only read it.
+    os.makedirs(builder.data_dir_root, exist_ok=True)
+    with open(os.path.join(builder.data_dir_root, f'.{builder.name}.prepare.lock'), 'w') as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      builder = tfds.builder(name, data_dir=data_dir)  # prepared by now if another process was first
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return builder
 
 

@@ -1,5 +1,7 @@
 """The digits TFDS builder and the input pipeline (ddjax.data)."""
 import itertools
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -10,6 +12,7 @@ import tensorflow_datasets as tfds
 from configs import digits as digits_config
 from ddjax import data
 from ddjax.datasets import digits
+from tests.tiny import REPO
 
 
 @pytest.fixture(scope='module')
@@ -76,6 +79,23 @@ def test_digits_split_indices_partition_all_images():
   idx = digits.split_indices()
   assert len(idx['train']) + len(idx['test']) == 1797
   assert not set(idx['train']) & set(idx['test'])
+
+
+def test_processes_preparing_digits_at_once_all_read_it(tmp_path):
+  """The processes of a multi-process run all prepare the digits in the same data_dir at first use: one does, the
+  others wait for it (without the lock, TFDS's renames collided and 2 of 3 processes failed)."""
+  # Imported first, then released together once all three are ready (a file each), so that they do meet.
+  script = '\n'.join([
+      'import os, sys, time', 'from ddjax import data', 'data_dir, ready, me = sys.argv[1:]',
+      'open(os.path.join(ready, me), "w").close()', 'while len(os.listdir(ready)) < 3: time.sleep(0.001)',
+      'print(int(data.prepared_builder("digits", data_dir).as_dataset(split="train").cardinality()))'])
+  (tmp_path / 'ready').mkdir()
+  processes = [subprocess.Popen([sys.executable, '-c', script, str(tmp_path / 'data'), str(tmp_path / 'ready'),
+                                 str(i)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for i in range(3)]
+  outputs = [process.communicate(timeout=300) for process in processes]
+  assert [process.returncode for process in processes] == [0, 0, 0], [err[-2000:] for _, err in outputs]
+  assert [out.split()[-1] for out, _ in outputs] == ['1438'] * 3
 
 
 # ---------------------------------------------------------------- the pipeline on digits

@@ -162,7 +162,7 @@ def main():
   profiled = [r for r in rows if r.get('profile')]
   if profiled:
     sys.path.insert(0, REPO)  # the checkout, installed or not (python -m ddjax.benchmark runs from it too)
-    from ddjax.profiling import format_breakdown
+    from ddjax.tools.profiling import format_breakdown
   for r in profiled:
     print(f"\nwhere the time of {r['run']} {r['precision']} goes (jax.profiler, ms per step):\n"
           + format_breakdown(r['profile']))

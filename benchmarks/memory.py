@@ -24,7 +24,7 @@ import time
 import jax
 
 from ddjax import methods
-from ddjax.benchmark import abstract_batch, flops_of
+from ddjax.tools.benchmark import abstract_batch, flops_of
 from ddjax.config import load_config_module
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'

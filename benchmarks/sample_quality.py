@@ -1,4 +1,4 @@
-"""Sample quality of ADM-format sample files by the offline metrics of ddjax.offline_metrics (no Inception weights).
+"""Sample quality of ADM-format sample files by the offline metrics of ddjax.evaluation.offline_metrics (no Inception weights).
 
 Run after `python -m ddjax.main --config configs/digits.py --workdir W --mode sample`:
   python benchmarks/sample_quality.py --dataset digits [--cache_dir D] W/samples/samples_*.npz
@@ -13,7 +13,8 @@ import sys
 
 import numpy as np
 
-from ddjax import fid, offline_metrics
+from ddjax import image_files
+from ddjax.evaluation import fid, offline_metrics
 
 COLUMNS = ('fd', 'fd_floor', 'precision', 'recall', 'memorisation', 'copy_share', 'confident_share', 'agreement',
            'classifier_accuracy')
@@ -21,7 +22,7 @@ COLUMNS = ('fd', 'fd_floor', 'precision', 'recall', 'memorisation', 'copy_share'
 
 def read_samples(path: str) -> tuple[np.ndarray, np.ndarray | None]:
   """(arr_0 uint8 images, arr_1 labels or None when the file has none)."""
-  images = fid.load_images(path)
+  images = image_files.load_images(path)
   with np.load(path) as saved:
     return images, saved['arr_1'] if 'arr_1' in saved.files else None
 

@@ -34,8 +34,8 @@ def get_config(*, blocks, ch=128):
   model.attn_resolution = 16
   model.t_dim = 512
   model.c_dim = 512
-  # At 128 per device in float32 every variant's train step takes <= 31 GiB (benchmarks/memory.py): no remat on
-  # an 80 GB GPU. On a 40 GB one: model.remat=True (<= 13 GiB) or train.grad_accum_steps=2 (<= 20 GiB).
+  # 128 per device in float32 fits an 80 GB GPU without remat; on a 40 GB one set model.remat=True or
+  # train.grad_accum_steps=2 (each variant's memory: docs/performance.md, from benchmarks/memory.py).
   model.remat = False
 
   train = config.train

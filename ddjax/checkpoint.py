@@ -5,11 +5,11 @@ every array, because orbax restores flipped bytes inside an array's data without
 from the newest checkpoint that restores and matches its CRC; newer broken ones are moved out of the way.
 """
 import contextlib
+import errno
+import logging
 import os
 import time
 import zlib
-
-import errno
 
 import jax
 import numpy as np
@@ -52,9 +52,30 @@ def create_manager(workdir: str, *, keep: int = 3, read_only: bool = False) -> o
   Orbax deletes the oldest step only after a newer save has completed, and ddjax saves only finite states, so
   keeping N never leaves zero good checkpoints.
   """
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
-                                         enable_async_checkpointing=not read_only)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')), options=options)
+  directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  if not read_only:
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep))
+  # Only the options a reader has (orbax warns about each save option it must drop), and without orbax's warning
+  # that the directory is read only, which is what was asked for.
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0, max_to_keep=None,
+                                         enable_async_checkpointing=False)
+  with _dropped_log_message(READ_ONLY_NOTICE):
+    return ocp.CheckpointManager(directory, options=options)
+
+
+READ_ONLY_NOTICE = 'Given directory is read only=%s'  # orbax's absl warning, verbatim
+
+
+@contextlib.contextmanager
+def _dropped_log_message(message: str):
+  """absl log records whose format string is `message` dropped within the block; every other record shows."""
+  logger = logging.getLogger('absl')
+  keep = lambda record: record.msg != message  # noqa: E731
+  logger.addFilter(keep)
+  try:
+    yield
+  finally:
+    logger.removeFilter(keep)
 
 
 @contextlib.contextmanager

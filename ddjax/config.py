@@ -18,7 +18,7 @@ from ddjax.validation import check, check_choice, check_types, fail
 # (methods/<name>.TYPES), the model its own.
 _NONE = type(None)
 # eval.metrics: FID/IS with the Inception weights, the offline metrics of a feature classifier trained on the
-# dataset (ddjax.offline_metrics), both, or 'auto': FID/IS when the weights can be had, else the offline ones.
+# dataset (ddjax.evaluation.offline_metrics), both, or 'auto': FID/IS when the weights can be had, else the offline ones.
 EVAL_METRICS = ('auto', 'inception', 'offline', 'both')
 _TYPES = {
     'an int': ((int,), 'seed data.image_size data.num_channels data.num_classes data.batch_size data.shuffle_buffer '

@@ -1,13 +1,13 @@
-"""Images from a trained network: the compiled sampling function over all devices, pixel conversion, PNG grids."""
+"""Images from a trained network: the compiled sampling function over all devices, and `--mode sample` (the EMA
+params of a checkpoint -> a PNG grid and an ADM-format .npz in samples/, for any method)."""
 import functools
 import os
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
-from PIL import Image
 
-from ddjax import parallel, samplers
+from ddjax import checkpoint, config as config_lib, image_files, methods, parallel, samplers
 
 
 def make_generate_fn(sample_fn, mesh):
@@ -61,25 +61,47 @@ def generate_images(generate, params, rng, *, mesh, num_samples: int, batch_size
     batch_labels = labels[np.minimum(indices, start + count - 1)]
     x = generate(params, sample_rng, parallel.global_sharded(mesh, indices),
                  parallel.global_sharded(mesh, batch_labels), values)
-    images.append(to_uint8(parallel.fetch(x))[:count])
+    images.append(image_files.to_uint8(parallel.fetch(x))[:count])
   return np.concatenate(images), labels
 
 
-def to_uint8(x: np.ndarray) -> np.ndarray:
-  """Model space [−1, 1] -> uint8 pixels (the only place samples are clipped)."""
-  return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+MAX_GRID_COLUMNS = 16
 
 
-def save_grid(path: str, images: np.ndarray, *, columns: int, scale: int = 1, pad: int = 1) -> None:
-  """uint8 NHWC images -> one PNG grid, row-major, `columns` wide, each image upscaled `scale`× (nearest)."""
+def grid_columns(config) -> int:
+  """One class per column when class-conditional (classes cycling when there are more than 16), else a
+  square-ish grid; never more than 16 columns, so a 1000-class grid is not one row 65,000 px wide."""
+  wanted = config.data.num_classes or int(np.ceil(np.sqrt(config.sample.num_samples)))
+  return min(wanted, MAX_GRID_COLUMNS)
+
+
+def grid_scale(config) -> int:
+  """Upscale small images so a grid is legible (8×8 digits -> 32×32 per cell)."""
+  return max(1, 32 // config.data.image_size)
+
+
+def load_ema_params(config, workdir: str, step: int | None = None):
+  """(EMA params, step) of the checkpoint at `step` (newest when None); restored into an abstract template."""
+  with checkpoint.opened(workdir, read_only=True) as manager:
+    state = checkpoint.restore(manager, methods.abstract_state(config), step)
+  return state.ema_params, int(state.step)
+
+
+def sample_and_save(config, workdir: str):
+  config_lib.validate(config)
+  method = methods.build(config)
+  params, step = load_ema_params(config, workdir, config.sample.checkpoint_step)
+  mesh = parallel.DataParallel.create(config.parallel.mode).mesh
+  images, labels = generate_images(
+      make_generate_fn(method.sample_fn, mesh), params,
+      jax.random.fold_in(jax.random.key(config.seed), step), mesh=mesh, num_samples=config.sample.num_samples,
+      batch_size=config.sample.batch_size, num_classes=config.data.num_classes, class_label=config.sample.class_label)
   n, h, w, c = images.shape
-  rows = -(-n // columns)
-  grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, np.uint8)
-  for i, image in enumerate(images):
-    r, col = divmod(i, columns)
-    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = image
-  picture = Image.fromarray(grid[..., 0] if c == 1 else grid)
-  if scale > 1:
-    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  picture.save(path)
+  if jax.process_index() != 0:  # every process sampled its share; one writes
+    return images, labels
+  stem = os.path.join(workdir, 'samples', f'samples_{n}x{h}x{w}x{c}_step{step}')
+  image_files.save_npz(stem + '.npz', {'arr_0': images, 'arr_1': labels})  # the ADM evaluation suite's format
+  image_files.save_grid(stem + '.png', images[:min(n, 100)], columns=grid_columns(config),
+                     scale=grid_scale(config))
+  print(f'{n} samples ({method.sampler}) from step {step}: {stem}.npz, grid {stem}.png', flush=True)
+  return images, labels

@@ -6,6 +6,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ddjax import xla_flags
 from ddjax.validation import ConfigError
 
 FLAGS = flags.FLAGS
@@ -49,8 +50,8 @@ def main(argv):
 
 
 # --mode -> (module of ddjax, its function(config, workdir)); a module is imported only for its own mode.
-MODES = {'train': ('train', 'train_and_evaluate'), 'sample': ('sample', 'sample_and_save'),
-         'eval': ('evaluate', 'evaluate'), 'sweep': ('sweep', 'sweep')}
+MODES = {'train': ('train', 'train_and_evaluate'), 'sample': ('generate', 'sample_and_save'),
+         'eval': ('evaluation.evaluate', 'evaluate'), 'sweep': ('evaluation.sweep', 'sweep')}
 
 
 def run_mode():
@@ -61,6 +62,7 @@ def run_mode():
 def run_checked(mode: str, task):
   """FLAGS.config validated for `mode` and its dataset checked, then task(); every expected failure is one line
   and its exit status (ddjax.study runs its own task through this too)."""
+  xla_flags.apply()  # before JAX starts its backend
   logging.set_verbosity(logging.WARNING)  # orbax and clu log every save at INFO; our console lines suffice
   # Heavy imports after flag parsing, so --help is instant; TensorFlow (imported by train and sample) only once
   # the config is valid, so an invalid setting prints its one line and nothing else.
@@ -73,7 +75,8 @@ def run_checked(mode: str, task):
     exit_with(f'invalid config: {error}', EXIT_CONFIG_ERROR)
   from ddjax import data, train
   from ddjax.checkpoint import CheckpointError
-  from ddjax.fid import FileFormatError, InceptionWeightsError
+  from ddjax.evaluation.fid import InceptionWeightsError
+  from ddjax.image_files import FileFormatError
   from ddjax.workdir import WorkdirError
   try:
     data.check_prepared(FLAGS.config, mode)  # a missing dataset: one line before anything is built or written

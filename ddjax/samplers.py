@@ -3,7 +3,7 @@
 Each sampler is one `lax.scan` over a precomputed (possibly respaced) time grid inside `jit`, so a 1000-step
 loop compiles like a 10-step one. Noise is drawn per example from that example's own key folded with the step
 index, so a sample does not depend on the batch it was drawn in. Every sampler consumes the same `Prediction`
-(x̂0, ε̂, μ_θ, log Σ_θ) from `diffusion.predict`.
+(x̂0, ε̂, μ_θ, log Σ_θ) from `gaussian_diffusion.predict`.
 """
 import functools
 
@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddjax import diffusion
+from ddjax import gaussian_diffusion
 from ddjax.schedules import Schedule, make_schedule, spaced_schedule
 from ddjax.validation import check, check_choice
 
@@ -79,7 +79,7 @@ def _sample_loop(schedule: Schedule, params, rng, labels, eta, ddim_scale, guida
   def step(x_t, i):
     t = jnp.full((shape[0],), i, jnp.int32)
     output = model_fn(x_t, schedule.timesteps[t], labels).astype(jnp.float32)
-    pred = diffusion.predict(schedule, output, x_t=x_t, t=t, prediction=prediction, variance=variance,
+    pred = gaussian_diffusion.predict(schedule, output, x_t=x_t, t=t, prediction=prediction, variance=variance,
                              clip_x0=clip_x0)
     not_last = (i > 0).astype(jnp.float32)
     if sampler == 'ddpm':
@@ -122,7 +122,7 @@ def sample(model_fn, betas, *, shape, rng, sampler='ddim', num_steps=None, step_
   their values are then the caller's to check, and a traced guidance always builds the guided program.
   """
   check_choice('sampler', sampler, SAMPLERS)
-  diffusion.validate(prediction=prediction, variance=variance)
+  gaussian_diffusion.validate(prediction=prediction, variance=variance)
   check(len(shape) == 4, 'shape', shape, '(batch, height, width, channels)')
   check(_traced(eta) or eta >= 0, 'eta', eta, '>= 0')
   check(ddim_scale is None or _traced(ddim_scale) or ddim_scale >= 0, 'ddim_scale', ddim_scale, 'None or >= 0')
@@ -133,8 +133,8 @@ def sample(model_fn, betas, *, shape, rng, sampler='ddim', num_steps=None, step_
         '0 unless labels and num_classes are given (classifier-free guidance needs a class-conditional model)')
   check(labels is None or np.shape(labels) == (shape[0],), 'labels', f'shape {np.shape(labels)}',
         f'None or shape ({shape[0]},)')
-  # Deterministic DDIM (η = 0, or ddim_scale 0) draws no z: its threefry draw was most of the per-step work
-  # outside the network (1.7 ms a step at 8×32×32×3 on a 2-core CPU). A traced η / ddim_scale may be nonzero.
+  # Deterministic DDIM (η = 0, or ddim_scale 0) draws no z: a threefry draw is most of a step's work outside the
+  # network. A traced η / ddim_scale may be nonzero.
   noise_scale = eta if ddim_scale is None else ddim_scale
   use_noise = sampler == 'ddpm' or _traced(noise_scale) or noise_scale > 0
   schedule = spaced_schedule(np.asarray(betas, np.float64), num_steps=num_steps, step_size=step_size)
@@ -157,7 +157,7 @@ def _ddgan_loop(schedule: Schedule, params, rng, labels, *, generator_fn, shape,
     z_keys = jax.vmap(lambda k: jax.random.fold_in(k, i + schedule.num_steps + 1))(keys)
     latent = _noise(z_keys, 0, (nz,))
     x0 = generator_fn(x_t, t, latent, labels).astype(jnp.float32)
-    mean, _, log_variance = diffusion.q_posterior(schedule, x0=x0, x_t=x_t, t=t)
+    mean, _, log_variance = gaussian_diffusion.q_posterior(schedule, x0=x0, x_t=x_t, t=t)
     not_last = (i > 0).astype(jnp.float32)
     return mean + not_last * jnp.exp(0.5 * log_variance) * _noise(keys, i, shape[1:]), None
 

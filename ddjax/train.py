@@ -11,10 +11,9 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
-from clu import metric_writers
 from jax.experimental import multihost_utils
 
-from ddjax import checkpoint, config as config_lib, data, generate, methods, parallel
+from ddjax import checkpoint, config as config_lib, data, generate, image_files, methods, parallel, reporting
 from ddjax import workdir as workdir_lib
 from ddjax.validation import ConfigError
 
@@ -27,39 +26,6 @@ from ddjax.validation import ConfigError
 def should_run(step: int, every: int, last_step: int) -> bool:
   """Periodic actions (log, checkpoint, sample) after update `step` (1-based), and always at the last step."""
   return step == last_step or (every > 0 and step % every == 0)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Metrics: clu writer (TensorBoard) + metrics.jsonl, process 0 only
-# ----------------------------------------------------------------------------------------------------------------
-
-class MetricLog:
-  def __init__(self, workdir: str):
-    self.enabled = jax.process_index() == 0
-    self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.enabled, asynchronous=False)
-    self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a') if self.enabled else None
-
-  def write(self, step: int, scalars: dict):
-    self.writer.write_scalars(step, scalars)
-    if self.jsonl:
-      self.jsonl.write(json.dumps({'step': step, **{k: float(v) for k, v in scalars.items()}}) + '\n')
-      self.jsonl.flush()
-
-  def close(self):
-    self.writer.close()
-    if self.jsonl:
-      self.jsonl.close()
-
-
-def console(message: str):
-  if jax.process_index() == 0:
-    print(message, flush=True)
-
-
-def format_seconds(seconds: float) -> str:
-  minutes, seconds = divmod(int(seconds), 60)
-  hours, minutes = divmod(minutes, 60)
-  return f'{hours}h{minutes:02d}m{seconds:02d}s' if hours else f'{minutes}m{seconds:02d}s'
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,7 +172,7 @@ def train_and_evaluate(config, workdir: str):
   WorkdirError, CheckpointError or DatasetNotFoundError, each with a one-line message.
   """
   config_lib.validate(config)  # before anything is written, built or compiled
-  with (workdir_lib.lock(workdir, warn=console), sigterm_flag() as sigterm,
+  with (workdir_lib.lock(workdir, warn=reporting.console), sigterm_flag() as sigterm,
         checkpoint.opened(workdir, keep=config.train.keep_checkpoints) as manager):
     return _train(config, workdir, manager, sigterm)
 
@@ -217,25 +183,25 @@ def _train(config, workdir: str, manager, sigterm: threading.Event):
   saved_config = workdir_lib.read_config(workdir)
   if manager.all_steps() and saved_config is not None:
     for line in check_resume_config(config, saved_config, methods.abstract_state):
-      console(f'resuming with a changed setting: {line}')
+      reporting.console(f'resuming with a changed setting: {line}')
   else:  # a fresh start (or a workdir from before config.json): this is the config its checkpoints continue
     workdir_lib.write_config(workdir, config)
 
   built = programs(config)
   method, mapper, step_fn, generate_fn = built.method, built.mapper, built.step_fn, built.generate_fn
-  log = MetricLog(workdir)
+  log = reporting.MetricLog(workdir)
   num_steps = config.train.num_steps
 
   # -- State: resume order is (1) the newest checkpoint in workdir that restores intact (newer broken ones are
   # moved aside, with a warning), (2) fresh init. The state holds step and RNG; the data position is the step.
   state = method.initial_state()
-  restored = checkpoint.resume(manager, state, warn=console)
+  restored = checkpoint.resume(manager, state, warn=reporting.console)
   if restored is not None:
     state = restored
-    console(f'resumed from {manager.directory} at step {int(state.step)}')
+    reporting.console(f'resumed from {manager.directory} at step {int(state.step)}')
   start_step = int(state.step)
   counts = ', '.join(f'{name} {count:,}' for name, count in method.parameter_counts(state.params).items())
-  console(f'{config.method} ({counts} parameters); {jax.device_count()} devices ({jax.default_backend()}, '
+  reporting.console(f'{config.method} ({counts} parameters); {jax.device_count()} devices ({jax.default_backend()}, '
           f'{config.parallel.mode}); global batch {config.data.batch_size}')
 
   batches = parallel.prefetch(data.create_dataset(config, start_step=start_step), mapper.shard_batch)
@@ -265,7 +231,7 @@ def _train(config, workdir: str, manager, sigterm: threading.Event):
       log.write(step, scalars)
       eta = (num_steps - step) / max(scalars['steps_per_sec'], 1e-9)
       shown = ''.join(f'{key} {scalars[key]:.4f}  ' for key in method.console_metrics)
-      console(f'step {step}/{num_steps}  {shown}{scalars["steps_per_sec"]:.2f} steps/s  ETA {format_seconds(eta)}')
+      reporting.console(f'step {step}/{num_steps}  {shown}{scalars["steps_per_sec"]:.2f} steps/s  ETA {reporting.format_seconds(eta)}')
       last_log_time, last_log_step = now, step
 
     if save_now:
@@ -282,26 +248,11 @@ def _train(config, workdir: str, manager, sigterm: threading.Event):
           num_samples=config.sample.num_samples, batch_size=config.sample.batch_size,
           num_classes=config.data.num_classes, cycle_classes=True)
       if jax.process_index() == 0:
-        generate.save_grid(os.path.join(workdir, 'samples', f'step_{step:07d}.png'), images,
-                           columns=grid_columns(config), scale=grid_scale(config))
+        image_files.save_grid(os.path.join(workdir, 'samples', f'step_{step:07d}.png'), images,
+                              columns=generate.grid_columns(config), scale=generate.grid_scale(config))
 
   checkpoint.wait(manager)
   log.close()
-  console(f'done in {format_seconds(time.time() - loop_start)}: checkpoints in {manager.directory}, metrics in '
+  reporting.console(f'done in {reporting.format_seconds(time.time() - loop_start)}: checkpoints in {manager.directory}, metrics in '
           f'{os.path.join(workdir, "metrics.jsonl")}, samples in {os.path.join(workdir, "samples")}')
   return mapper.unreplicate(replicated)
-
-
-MAX_GRID_COLUMNS = 16
-
-
-def grid_columns(config) -> int:
-  """One class per column when class-conditional (classes cycling when there are more than 16), else a
-  square-ish grid; never more than 16 columns, so a 1000-class grid is not one row 65,000 px wide."""
-  wanted = config.data.num_classes or int(np.ceil(np.sqrt(config.sample.num_samples)))
-  return min(wanted, MAX_GRID_COLUMNS)
-
-
-def grid_scale(config) -> int:
-  """Upscale small images so a grid is legible (8×8 digits -> 32×32 per cell)."""
-  return max(1, 32 // config.data.image_size)

@@ -11,11 +11,14 @@ collection order, and a long file handed out last keeps one worker busy while th
 import os
 import tempfile
 
+from ddjax import xla_flags
+
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:  # set by the xdist controller, its workers inherit it
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='ddjax-xla-cache-')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 os.environ.setdefault('XLA_FLAGS', '--xla_backend_optimization_level=0')
+xla_flags.apply()  # as the entry points do: the tests run what users run
 
 # Test files by their time in a suite run, longest first; the others follow in their own order.
 LONGEST_FIRST = ('test_parallel.py', 'test_ddgan.py', 'test_train.py', 'test_reliability.py', 'test_config.py',

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from ddjax import benchmark
+from ddjax.tools import benchmark
 from tests.tiny import REPO, TINY, tiny_config
 
 COMMON = {'what', 'images_per_sec', 'ms_per_step', 'compile_s', 'param_count', 'peak_host_memory_bytes',
@@ -177,12 +177,3 @@ def test_gpu_script_jumps_to_the_batch_its_memory_predicts(monkeypatch, capsys):
   table = capsys.readouterr().out
   assert 'train largest (768; 1088: out of memory) | bf16 | 768 |' in table
   assert 'train largest (512) | f32 | 512 |' in table
-
-
-def test_default_xla_flags_are_added_unless_the_user_set_them():
-  """Importing ddjax adds its DEFAULT_XLA_FLAGS to XLA_FLAGS and keeps the user's own value of any of them."""
-  user = '--xla_force_host_platform_device_count=2 --xla_cpu_experimental_ynn_fusion_type=reduce'
-  flags = subprocess.run([sys.executable, '-c', 'import os, ddjax; print(os.environ["XLA_FLAGS"])'], cwd=REPO,
-                         env={'XLA_FLAGS': user, 'PATH': ''}, capture_output=True, text=True, check=True).stdout.split()
-  assert flags[:2] == user.split()
-  assert flags[2:] == ['--xla_gpu_enable_latency_hiding_scheduler=true']

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddjax import checkpoint, config as config_lib, data, sample, samplers, schedules, train
+from ddjax import checkpoint, config as config_lib, data, generate, samplers, schedules, train
 from ddjax import workdir as workdir_lib
 from ddjax.methods import ddgan
 from ddjax.validation import ConfigError
@@ -155,7 +155,7 @@ def test_ddgan_trains_logs_and_samples(straight, data_dir):
   assert all(r1[step] > 0 for step in (1, 3, 5, 7)) and all(r1[step] == 0 for step in (2, 4, 6, 8))  # lazy_reg 2
   for key in ('loss_g', 'loss', 'd_real', 'd_fake', 'grad_norm_d', 'grad_norm_g', 'learning_rate_g'):
     assert all(np.isfinite(v) for v in logged(straight, key).values()), key
-  images, labels = sample.sample_and_save(tiny_ddgan_config(data_dir, **RUN), straight)
+  images, labels = generate.sample_and_save(tiny_ddgan_config(data_dir, **RUN), straight)
   assert images.shape == (16, 8, 8, 1) and images.dtype == np.uint8 and not labels.any()
   assert len(np.unique(images.reshape(16, -1), axis=0)) == 16  # every sample its own z and noise
 

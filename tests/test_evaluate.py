@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from ddjax import checkpoint, evaluate, fid, generate, methods, parallel
+from ddjax import checkpoint, generate, image_files, methods, parallel
+from ddjax.evaluation import evaluate, fid
 from ddjax.validation import ConfigError
 from tests.test_fid import FEATURE_BATCH, OFFLINE, fake_inception, random_state_dict, save_torch
 from tests.tiny import main_args, run_main_in_process, tiny_config
@@ -44,7 +45,7 @@ def eval_files(tmp_path_factory):
   save_torch(weights, random_state_dict(seed=1), legacy=True)
   rng = np.random.default_rng(0)
   features = rng.normal(size=(64, 2048))
-  fid.save_npz(reference, fid.statistics(features, rng.normal(size=(64, 1008)), source='random'))
+  image_files.save_npz(reference, fid.statistics(features, rng.normal(size=(64, 1008)), source='random'))
   return weights, reference
 
 
@@ -207,7 +208,7 @@ def test_reference_split_stats_are_cached_with_their_provenance(eval_files, tmp_
     # Other weights: another file. A file at the same name whose provenance differs: recomputed, not reused.
     evaluate.reference_stats(config, variables, mesh=mesh(), weights_sha256='0' * 64)
     assert len(calls) == 2 and len(os.listdir(tmp_path)) == 2
-    fid.save_npz(str(tmp_path / name), {**cached, 'data_dir': '/elsewhere', 'mu': cached['mu'] + 1})
+    image_files.save_npz(str(tmp_path / name), {**cached, 'data_dir': '/elsewhere', 'mu': cached['mu'] + 1})
     recomputed = evaluate.reference_stats(config, variables, mesh=mesh(), weights_sha256=sha)
     assert len(calls) == 3
     np.testing.assert_array_equal(recomputed['mu'], first['mu'])

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddjax import fid, parallel, torch_pickle
-from ddjax.models import inception
+from ddjax import image_files, parallel
+from ddjax.evaluation import fid, inception, torch_pickle
 from tests.tiny import REPO
 
 # torch state_dict leaf of each Flax variable: (collection, Flax name) -> torch name
@@ -123,7 +123,7 @@ def test_score_cli_prints_fid(tmp_path, capsys):
   for i in range(2):
     stats = fid.statistics(rng.normal(i, 1.0, size=(30, 5)), np.zeros((30, 1008)))
     paths.append(str(tmp_path / f'{i}.npz'))
-    fid.save_npz(paths[-1], stats)
+    image_files.save_npz(paths[-1], stats)
   fid.main(['score', *paths])
   a, b = fid.load_stats(paths[0]), fid.load_stats(paths[1])
   want = fid.frechet_distance(mu1=a['mu'], sigma1=a['sigma'], mu2=b['mu'], sigma2=b['sigma'])

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from ddjax import fid, offline_metrics
+from ddjax import image_files
+from ddjax.evaluation import fid, offline_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = {'image_size': 8, 'num_channels': 1}
@@ -107,12 +108,12 @@ def test_feature_network_is_reproducible_and_cached(data_dir, tmp_path):
     arrays = dict(saved)
   stored = json.loads(str(arrays['provenance']))
   zeroed = {name: np.zeros_like(value) if name.startswith('params/') else value for name, value in arrays.items()}
-  fid.save_npz(path, zeroed)
+  image_files.save_npz(path, zeroed)
   reused = train(tmp_path / 'a')
   assert all(not leaf.any() for leaf in jax.tree.leaves(reused.params)) and reused.accuracy == first.accuracy
 
   # The same file claiming another seed is retrained (to the same params) and rewritten.
-  fid.save_npz(path, {**zeroed, 'provenance': json.dumps({**stored, 'seed': 1})})
+  image_files.save_npz(path, {**zeroed, 'provenance': json.dumps({**stored, 'seed': 1})})
   retrained = train(tmp_path / 'a')
   assert leaves_equal(retrained.params, first.params)
   with np.load(path) as saved:
@@ -181,7 +182,7 @@ def test_frechet_distance_of_features_matches_the_closed_form():
 
 def test_sample_quality_script_prints_every_metric(data_dir, cache_dir, net, real, tmp_path, capsys):
   samples = str(tmp_path / 'samples.npz')
-  fid.save_npz(samples, {'arr_0': real.probe_images, 'arr_1': real.probe_labels})
+  image_files.save_npz(samples, {'arr_0': real.probe_images, 'arr_1': real.probe_labels})
   script = runpy.run_path(os.path.join(REPO, 'benchmarks', 'sample_quality.py'))
   script['main'](['--dataset', 'digits', '--data_dir', data_dir, '--cache_dir', cache_dir, samples])
   lines = capsys.readouterr().out.splitlines()

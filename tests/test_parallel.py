@@ -22,7 +22,8 @@ from ddjax import data, methods, parallel, schedules, train
 from ddjax.methods import diffusion as diffusion_method
 from ddjax.models import create_model
 from ddjax.validation import ConfigError
-from tests.tiny import compilations, logged, restore_state, run_main, run_processes, tiny_config
+from ddjax.tools.benchmark import compilations
+from tests.tiny import logged, restore_state, run_main, run_processes, tiny_config
 
 STEPS = 20
 RUN = {'train.num_steps': STEPS, 'train.log_every': 1, 'train.checkpoint_every': 10, 'train.sample_every': 0,

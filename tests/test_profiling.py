@@ -1,11 +1,11 @@
-"""ddjax.profiling: HLO instructions classified by what they compute and where they come from, time shared among
+"""ddjax.tools.profiling: HLO instructions classified by what they compute and where they come from, time shared among
 overlapping ops, GPU-style traces (kernels plus derived lines) counted once, and a real XLA:CPU trace."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
 
-from ddjax import profiling
+from ddjax.tools import profiling
 
 # The shapes of what XLA:GPU compiles a train step into (cuDNN and cuBLAS custom calls, a Triton GEMM fusion
 # that nests its dot, an async all-reduce, a loop), written out: the classification of programs this machine

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddjax import checkpoint, config as config_lib, generate, methods, study, sweep, train
+from ddjax import checkpoint, config as config_lib, generate, methods, train
+from ddjax.evaluation import study, sweep
 from ddjax.validation import ConfigError
 from tests.test_config import with_settings
 from tests.tiny import REPO, run_main, tiny_config, tiny_ddgan_config

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from ddjax import checkpoint, config as config_lib, methods, sample, train
+from ddjax import checkpoint, config as config_lib, generate, methods, train
 from ddjax.methods import diffusion as diffusion_method
 from ddjax.validation import ConfigError
-from tests.tiny import REPO, compilations, tiny_config, xla_flags
+from ddjax.tools.benchmark import compilations
+from tests.tiny import REPO, tiny_config, xla_flags
 
 
 @pytest.fixture(scope='module')
@@ -71,7 +72,7 @@ def test_sample_mode_writes_adm_npz(trained, data_dir):
   workdir, _, _ = trained
   config = tiny_config(data_dir)
   config.sample.update(num_samples=20, batch_size=12, class_label=3, checkpoint_step=4)
-  images, labels = sample.sample_and_save(config, workdir)
+  images, labels = generate.sample_and_save(config, workdir)
   path = os.path.join(workdir, 'samples', 'samples_20x8x8x1_step4.npz')
   saved = np.load(path)
   assert saved['arr_0'].shape == (20, 8, 8, 1) and saved['arr_0'].dtype == np.uint8
@@ -80,7 +81,7 @@ def test_sample_mode_writes_adm_npz(trained, data_dir):
   assert os.path.exists(path.replace('.npz', '.png'))
   config.sample.update(class_label=-1, checkpoint_step=None, sampler='ddpm', num_steps=None, step_size=10,
                        guidance=0.0)
-  _, labels = sample.sample_and_save(config, workdir)
+  _, labels = generate.sample_and_save(config, workdir)
   assert labels.min() >= 0 and labels.max() < 10
 
 
@@ -191,4 +192,4 @@ def test_first_update_moves_and_the_logged_rate_is_the_one_used():
 def test_grids_are_at_most_16_columns():
   for classes, samples, columns in ((10, 100, 10), (1000, 100, 16), (0, 100, 10), (0, 1000, 16)):
     config = tiny_config(None, **{'data.num_classes': classes, 'sample.num_samples': samples})
-    assert train.grid_columns(config) == columns
+    assert generate.grid_columns(config) == columns

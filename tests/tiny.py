@@ -7,8 +7,6 @@ import subprocess
 import sys
 import unittest.mock
 
-from jax._src.interpreters import pxla
-
 from configs import digits as digits_config, digits_ddgan as digits_ddgan_config
 from ddjax import checkpoint, methods
 
@@ -101,12 +99,6 @@ def run_processes(num_processes, devices, workdir, data_dir=None, *, ddgan=False
                          *main_args(workdir, data_dir, ddgan=ddgan, **overrides)], cwd=REPO,
                         env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True,
                         timeout=timeout)
-
-
-def compilations() -> int:
-  """XLA compilations so far in this process: the misses of JAX's executable cache (jit, pmap and shard_map all go
-  through it)."""
-  return pxla._cached_compilation.cache_info().misses
 
 
 def logged(workdir, key='loss'):

@@ -5,7 +5,7 @@ Indexing as DDGAN's code: a data pair at step t ∈ 0..T−1 is (x_t, x_{t+1}), 
 coefficients whose first β is 1e-8 (so x_0 ≈ the data) and x_{t+1} one more forward step; the network sees
 (x_{t+1}, t). On our schedule of the T transition betas β_0..β_{T−1} (schedules.get_betas('vp'|'geometric')) that
 is ᾱ'_t = (1 − 10⁻⁸)·ᾱ_{t−1} for x_t (ᾱ_{−1} = 1) and β_t for the step to x_{t+1}; the posterior
-q(x_t | x_{t+1}, x̂0) is diffusion.q_posterior at index t.
+q(x_t | x_{t+1}, x̂0) is gaussian_diffusion.q_posterior at index t.
 """
 import functools
 
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ddjax import diffusion, samplers, schedules
+from ddjax import gaussian_diffusion, samplers, schedules
 from ddjax.methods.base import (Method, TrainState, count_params, cross_device_mean, ema_update, example_keys,
                                optimizer_step)
 from ddjax.models import create_discriminator, create_model, discriminator
@@ -84,15 +84,15 @@ def q_sample_pair(schedule, *, x0, t, noise, noise_next):
   """(x_t, x_{t+1}): x_t = √ᾱ'_t·x0 + √(1 − ᾱ'_t)·noise with ᾱ'_t = (1 − 10⁻⁸)·ᾱ_{t−1} (ᾱ_{−1} = 1), and
   x_{t+1} = √(1 − β_t)·x_t + √β_t·noise_next (DDGAN's q_sample_pairs). In float32, as in DDGAN's code,
   1 − 10⁻⁸ rounds to 1: x_0 is the data itself."""
-  alpha_bar = (1.0 - FIRST_BETA) * diffusion.at(schedule.alphas_cumprod_prev, t, x0)
+  alpha_bar = (1.0 - FIRST_BETA) * gaussian_diffusion.at(schedule.alphas_cumprod_prev, t, x0)
   x_t = jnp.sqrt(alpha_bar) * x0 + jnp.sqrt(1.0 - alpha_bar) * noise
-  beta = diffusion.at(schedule.betas, t, x0)
+  beta = gaussian_diffusion.at(schedule.betas, t, x0)
   return x_t, jnp.sqrt(1.0 - beta) * x_t + jnp.sqrt(beta) * noise_next
 
 
 def posterior_sample(schedule, *, x0, x_next, t, noise):
   """x_t ~ q(x_t | x_{t+1}, x̂0) = N(μ̃_t, β̃_t), noiseless at t = 0 (DDGAN's sample_posterior)."""
-  mean, _, log_variance = diffusion.q_posterior(schedule, x0=x0, x_t=x_next, t=t)
+  mean, _, log_variance = gaussian_diffusion.q_posterior(schedule, x0=x0, x_t=x_next, t=t)
   not_first = (t > 0).astype(x0.dtype).reshape((-1,) + (1,) * (x0.ndim - 1))
   return mean + not_first * jnp.exp(0.5 * log_variance) * noise
 

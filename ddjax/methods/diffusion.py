@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ddjax import diffusion, samplers, schedules
+from ddjax import gaussian_diffusion, samplers, schedules
 from ddjax.methods.base import (Method, TrainState, count_params, cross_device_mean, ema_update, example_keys,
                                optimizer_step)
 from ddjax.models import create_model
@@ -37,9 +37,9 @@ def validate(config, device_count: int):
   diff, train, sample, data = config.diffusion, config.train, config.sample, config.data
   check_choice('model.name', config.model.name, ('unet',))
   check_choice('diffusion.schedule', diff.schedule, ('linear', 'cosine'))  # vp/geometric are DDGAN's
-  check_choice('diffusion.prediction', diff.prediction, diffusion.PREDICTIONS)
-  check_choice('diffusion.variance', diff.variance, diffusion.VARIANCES)
-  check_choice('diffusion.loss', diff.loss, diffusion.LOSSES)
+  check_choice('diffusion.prediction', diff.prediction, gaussian_diffusion.PREDICTIONS)
+  check_choice('diffusion.variance', diff.variance, gaussian_diffusion.VARIANCES)
+  check_choice('diffusion.loss', diff.loss, gaussian_diffusion.LOSSES)
   check(not (diff.loss == 'simple' and diff.variance == 'learned_range'), 'diffusion.loss', diff.loss,
         "'hybrid' or 'vlb' with diffusion.variance='learned_range' (the simple loss cannot train the variance)")
   check(not (diff.loss == 'hybrid' and diff.variance != 'learned_range'), 'diffusion.loss', diff.loss,
@@ -134,13 +134,13 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, prediction, var
   if num_classes:  # classifier-free guidance: train the null class on a p_uncond fraction
     drop = jax.vmap(lambda k: jax.random.bernoulli(k, p_uncond))(drop_keys)
     labels = jnp.where(drop, num_classes, labels)
-  examples = {'x0': images, 'x_t': diffusion.q_sample(schedule, x0=images, t=t, eps=eps), 't': t, 'eps': eps,
+  examples = {'x0': images, 'x_t': gaussian_diffusion.q_sample(schedule, x0=images, t=t, eps=eps), 't': t, 'eps': eps,
               'labels': labels if num_classes else None}
 
   def loss_fn(params, micro, micro_index):
     output = model.apply({'params': params}, micro['x_t'], micro['t'], micro['labels'], train=True,
                          rngs={'dropout': jax.random.fold_in(dropout_key, micro_index)})
-    terms = diffusion.training_losses(schedule, output.astype(jnp.float32), x0=micro['x0'], x_t=micro['x_t'],
+    terms = gaussian_diffusion.training_losses(schedule, output.astype(jnp.float32), x0=micro['x0'], x_t=micro['x_t'],
                                       t=micro['t'], eps=micro['eps'], prediction=prediction, variance=variance,
                                       loss=loss, hybrid_lambda=hybrid_lambda)
     return jnp.mean(terms['loss']), terms
@@ -241,14 +241,14 @@ def describe_sampler(config) -> str:
 
 
 def make_nll_fn(config, model, schedule):
-  """(params, x0, labels, rng) -> the −log p(x0) bound in bits/dim per example (diffusion.bits_per_dim, every
+  """(params, x0, labels, rng) -> the −log p(x0) bound in bits/dim per example (gaussian_diffusion.bits_per_dim, every
   timestep); class-conditional models are conditioned on the true class."""
   num_classes = config.data.num_classes
 
   def nll_fn(params, x0, labels, rng):
     def model_fn(x_t, t, y):
       return model.apply({'params': params}, x_t, t, y, train=False)
-    return diffusion.bits_per_dim(model_fn, schedule, x0=x0, rng=rng, labels=labels if num_classes else None,
+    return gaussian_diffusion.bits_per_dim(model_fn, schedule, x0=x0, rng=rng, labels=labels if num_classes else None,
                                   prediction=config.diffusion.prediction, variance=config.diffusion.variance,
                                   clip_x0=config.sample.clip_x0)['bpd']
 

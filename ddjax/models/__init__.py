@@ -2,7 +2,7 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ddjax.diffusion import output_channels
+from ddjax.gaussian_diffusion import output_channels
 from ddjax.models import discriminator, ncsnpp, unet
 from ddjax.validation import check, check_choice, fail
 

@@ -24,7 +24,8 @@ import jax
 import numpy as np
 from matplotlib.figure import Figure
 
-from ddjax import config as config_lib, data, evaluate, fid, generate, methods, parallel, sample, train
+from ddjax import config as config_lib, data, generate, image_files, methods, parallel, reporting
+from ddjax.evaluation import evaluate
 
 RESULTS_FILE = 'results.jsonl'
 SETTINGS = ('sampler', 'num_steps', 'step_size', 'eta', 'ddim_scale', 'guidance')
@@ -38,7 +39,7 @@ def sweep(config, workdir: str) -> list[dict]:
   config_lib.validate(config, mode='sweep')  # the grid too: a bad one is one line before anything is compiled
   cells = config_lib.sweep_grid(config)
   data.check_prepared(config, 'sweep')
-  params, step = sample.load_ema_params(config, workdir, config.sample.checkpoint_step)
+  params, step = generate.load_ema_params(config, workdir, config.sample.checkpoint_step)
   mesh = parallel.DataParallel.create(config.parallel.mode).mesh
   references = evaluate.prepare_scoring(config, mesh=mesh)
   directory = os.path.join(workdir, 'sweep')
@@ -64,7 +65,7 @@ def sweep(config, workdir: str) -> list[dict]:
         num_classes=config.data.num_classes, class_label=config.sample.class_label, values=traced_values(cell))
     path = os.path.join(directory, f'{name}.npz')
     if jax.process_index() == 0:
-      fid.save_npz(path, {'arr_0': images, 'arr_1': labels})
+      image_files.save_npz(path, {'arr_0': images, 'arr_1': labels})
     metrics = evaluate.score_samples(config, references, images, labels, mesh=mesh, source=path)
     record = {**cell, **metrics, 'samples': f'{name}.npz', 'step': step, 'num_samples': num_samples, 'key': key,
               'seconds': round(time.time() - began, 1)}
@@ -77,7 +78,7 @@ def sweep(config, workdir: str) -> list[dict]:
     write_csv(os.path.join(directory, 'results.csv'), records)
     plot(os.path.join(directory, 'plot.png'), records, line_of=cell_label,
          title=f'{workdir}, step {step}, {num_samples} samples per cell')
-  train.console(f'sweep of step {step}: {len(cells)} cells in {directory} ({RESULTS_FILE}, results.csv, plot.png, '
+  reporting.console(f'sweep of step {step}: {len(cells)} cells in {directory} ({RESULTS_FILE}, results.csv, plot.png, '
                 'one npz per cell)')
   return records
 
@@ -174,9 +175,9 @@ class Progress:
     total = len(self.costs)
     bar = '#' * (20 * self.index // total)
     left = sum(self.costs[self.index:])
-    eta = (f'  ETA {train.format_seconds(self.drawn_seconds / self.drawn_cost * left)}'
+    eta = (f'  ETA {reporting.format_seconds(self.drawn_seconds / self.drawn_cost * left)}'
            if self.drawn_cost and left else '')
-    train.console(f'sweep [{bar:<20}] {self.index}/{total}  {message}{eta}')
+    reporting.console(f'sweep [{bar:<20}] {self.index}/{total}  {message}{eta}')
 
 
 # -- Results. ----------------------------------------------------------------------------------------------------

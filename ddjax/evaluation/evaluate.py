@@ -30,7 +30,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ddjax import config as config_lib, data, fid, generate, methods, offline_metrics, parallel, sample, train
+from ddjax import config as config_lib, data, generate, image_files, methods, parallel, reporting
+from ddjax.evaluation import fid, offline_metrics
 from ddjax.validation import check
 
 SPLITS = ('train', 'validation', 'test')
@@ -71,7 +72,7 @@ def evaluate(config, workdir: str) -> dict:
   data.check_prepared(config, 'eval')
   method = methods.build(config)
   check_nll_split(config, method)
-  params, step = sample.load_ema_params(config, workdir, config.sample.checkpoint_step)
+  params, step = generate.load_ema_params(config, workdir, config.sample.checkpoint_step)
   mesh = parallel.DataParallel.create(config.parallel.mode).mesh
   samples_rng, bpd_rng = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), step))
   references = prepare_scoring(config, mesh=mesh)
@@ -82,26 +83,26 @@ def evaluate(config, workdir: str) -> dict:
   n, h, w, c = images.shape
   samples_path = os.path.join(workdir, 'samples', f'eval_{n}x{h}x{w}x{c}_step{step}.npz')
   if jax.process_index() == 0:
-    fid.save_npz(samples_path, {'arr_0': images, 'arr_1': labels})
+    image_files.save_npz(samples_path, {'arr_0': images, 'arr_1': labels})
 
   # -- FID and IS; the offline metrics. --------------------------------------------------------------------------
   metrics = score_samples(config, references, images, labels, mesh=mesh, source=samples_path)
   if 'offline' in references:
     feature_net = references['offline'][0]
     histogram = offline_metrics.class_histogram(feature_net.predict(images), feature_net.model.num_classes)
-    train.console('classes of the samples (the feature classifier\'s labels): '
+    reporting.console('classes of the samples (the feature classifier\'s labels): '
                   + ' '.join(f'{c}:{n}' for c, n in enumerate(histogram)))
 
   # -- NLL. ------------------------------------------------------------------------------------------------------
   if measures_nll(config, method):
     metrics['bpd'] = bits_per_dim(config, method.nll_fn, params, mesh=mesh, rng=bpd_rng)
   elif method.nll_fn is None:
-    train.console(f'bits/dim skipped: the {config.method} method has no likelihood')
+    reporting.console(f'bits/dim skipped: the {config.method} method has no likelihood')
 
-  log = train.MetricLog(workdir)
+  log = reporting.MetricLog(workdir)
   log.write(step, metrics)
   log.close()
-  train.console(f'eval of step {step}, {n} samples ({method.sampler}): '
+  reporting.console(f'eval of step {step}, {n} samples ({method.sampler}): '
                 + '  '.join(f'{k} {v:.4f}' for k, v in metrics.items())
                 + f'\nsamples in {samples_path}, metrics in {os.path.join(workdir, "metrics.jsonl")}')
   return {'step': step, **metrics}
@@ -153,7 +154,7 @@ def inception_weights(config) -> str | None:
   except fid.InceptionWeightsError as error:
     if config.eval.metrics != 'auto':
       raise
-    train.console(f'FID/IS skipped, the offline metrics instead (eval.metrics=\'auto\'): {error}')
+    reporting.console(f'FID/IS skipped, the offline metrics instead (eval.metrics=\'auto\'): {error}')
     return None
 
 
@@ -168,7 +169,7 @@ def offline_reference(config):
                 num_channels=data_config.num_channels)
   net = offline_metrics.load_or_train(data_config.dataset, cache_dir=config.eval.cache_dir, seed=config.seed,
                                       **kwargs)
-  train.console(f'offline metrics: a feature classifier of {data_config.dataset!r} (held-out accuracy '
+  reporting.console(f'offline metrics: a feature classifier of {data_config.dataset!r} (held-out accuracy '
                 f'{net.accuracy:.4f})')
   return net, offline_metrics.real_reference(data_config.dataset, net=net, **kwargs)
 
@@ -196,17 +197,17 @@ def reference_stats(config, inception_variables, *, mesh, weights_sha256: str) -
   cached = read_stats(path)
   differing = [key for key, value in provenance.items() if cached is not None and cached.get(key) != value]
   if on_every_process(cached is not None and not differing):
-    train.console(f'reference statistics of {data_config.dataset!r} {split!r}: {path}')
+    reporting.console(f'reference statistics of {data_config.dataset!r} {split!r}: {path}')
     return cached
   why = f'its {", ".join(differing)} differ' if differing else 'not cached yet'
-  train.console(f'computing the Inception statistics of {data_config.dataset!r} {split!r} ({why}): {path}')
+  reporting.console(f'computing the Inception statistics of {data_config.dataset!r} {split!r} ({why}): {path}')
   batches = (images for images, _ in fid.dataset_batches(
       data_config.dataset, split, data_dir=data_config.data_dir, batch_size=config.eval.batch_size,
       image_size=data_config.image_size, num_channels=data_config.num_channels))
   result = fid.stats_of(batches, inception_variables, mesh=mesh, batch_size=config.eval.batch_size,
                         with_inception_score=False, **provenance)
   if jax.process_index() == 0:
-    fid.save_npz(path, result)
+    image_files.save_npz(path, result)
   return result
 
 
@@ -223,7 +224,7 @@ def read_stats(path: str) -> dict | None:
   """The stats file at `path`, or None when there is none or it cannot be read (it is then recomputed)."""
   try:
     return fid.load_stats(path) if os.path.exists(path) else None
-  except fid.FileFormatError:
+  except image_files.FileFormatError:
     return None
 
 
@@ -245,8 +246,8 @@ def draw_samples(config, workdir: str, generate_fn, params, rng, *, mesh, step: 
           generate_fn, params, jax.random.fold_in(rng, index), mesh=mesh, num_samples=size, batch_size=batch_size,
           num_classes=config.data.num_classes, class_label=config.sample.class_label)
       if jax.process_index() == 0:
-        fid.save_npz(path, {'arr_0': saved[0], 'arr_1': saved[1]})
-      train.console(f'eval samples {start + size}/{num_samples} drawn (chunks in {directory})')
+        image_files.save_npz(path, {'arr_0': saved[0], 'arr_1': saved[1]})
+      reporting.console(f'eval samples {start + size}/{num_samples} drawn (chunks in {directory})')
     images.append(saved[0])
     labels.append(saved[1])
   return np.concatenate(images), np.concatenate(labels)

@@ -33,7 +33,8 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from ddjax import fid
+from ddjax import image_files
+from ddjax.evaluation import fid
 
 RECIPE_VERSION = 1  # bump whenever the network or its training changes: cached networks are then retrained
 FEATURE_DIM = 128
@@ -209,7 +210,7 @@ def load_or_train(dataset: str, *, data_dir: str | None, image_size: int, num_ch
   accuracy = float(np.mean(trained.predict(heldout_images) == heldout_labels))
   if jax.process_index() == 0:  # every process trains the same network; one writes it
     arrays = {f'params/{name}': value for name, value in traverse_util.flatten_dict(params, sep='/').items()}
-    fid.save_npz(path, {**arrays, 'provenance': json.dumps({**provenance, 'heldout_accuracy': accuracy})})
+    image_files.save_npz(path, {**arrays, 'provenance': json.dumps({**provenance, 'heldout_accuracy': accuracy})})
   return dataclasses.replace(trained, accuracy=accuracy)
 
 

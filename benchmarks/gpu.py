@@ -7,7 +7,9 @@ Every figure is one `python -m ddjax.benchmark` subprocess (its last stdout line
 timeout, so an out-of-memory batch ends only its own attempt. In order, while the time budget (GPU_SH_BUDGET_S,
 seconds) lasts:
 1. train configs/imagenet64_res_res.py (synthetic batches of its shapes) at 128 per device in bfloat16 and in
-   float32;
+   float32, and in bfloat16 once more with the XLA:CPU kernels forced (DDJAX_FORMULATION=xla_cpu; the first
+   bfloat16 run has the plain formulation, DDJAX_FORMULATION=plain): which of the two formulations
+   (ddjax/models/xla_cpu.py) is faster on this device;
 2. sample: its DDIM step_size 10 with classifier-free guidance (w = 1), bfloat16;
 3. fid: the FID Inception network's feature throughput;
 4. the largest per-device train batch in each precision: the batch predicted to fill 90% of the memory the
@@ -31,6 +33,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = 'configs/imagenet64_res_res.py'
+FORMULATION_VARIABLE = 'DDJAX_FORMULATION'  # ddjax/models/xla_cpu.py: 'xla_cpu' or 'plain' on every platform
 
 # Peak dense (no sparsity) BF16 tensor-core rate, TFLOP/s, from each vendor datasheet's table (NVIDIA H100,
 # H200, GH200, A100, A10, L4, L40S, HGX B200 datasheets: their "with sparsity" figure halved where only that is
@@ -53,13 +56,15 @@ def peak_tflops(device_kind: str) -> float | None:
   return next((peak for pattern, peak in PEAK_BF16_TFLOPS if re.search(pattern, device_kind)), None)
 
 
-def benchmark(args, *, timeout_s: float) -> dict | str:
-  """The JSON result of `python -m ddjax.benchmark <args>`, or why there is none ('out of memory', 'timeout
-  after N s', or the last line of its stderr)."""
+def benchmark(args, *, timeout_s: float, formulation: str | None = None) -> dict | str:
+  """The JSON result of `python -m ddjax.benchmark <args>` (with DDJAX_FORMULATION=formulation where given), or
+  why there is none ('out of memory', 'timeout after N s', or the last line of its stderr)."""
   command = [sys.executable, '-m', 'ddjax.benchmark', *args]
-  print('$ ' + ' '.join(command[1:]), file=sys.stderr, flush=True)
+  env = {**os.environ, FORMULATION_VARIABLE: formulation} if formulation else None
+  print(f'$ {f"{FORMULATION_VARIABLE}={formulation} " if formulation else ""}' + ' '.join(command[1:]),
+        file=sys.stderr, flush=True)
   try:
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s, env=env)
   except subprocess.TimeoutExpired:
     return f'timeout after {timeout_s:.0f} s'
   if done.returncode == 0:
@@ -113,16 +118,22 @@ def main():
   first_batch, search = (8, (16,)) if smoke else (128, (256, 384, 512, 640, 768, 1024))
   precisions = {'bf16': 'bfloat16', 'f32': 'float32'}
 
-  def run(extra, *, limit_s=600 if smoke else 300):  # XLA:CPU compiles slowly
+  def run(extra, *, limit_s=600 if smoke else 300, formulation=None):  # XLA:CPU compiles slowly
     remaining = deadline - time.monotonic()
-    return benchmark([*base, *extra], timeout_s=min(limit_s, remaining)) if remaining > 20 else 'no time left'
+    if remaining <= 20:
+      return 'no time left'
+    return benchmark([*base, *extra], timeout_s=min(limit_s, remaining), formulation=formulation)
 
-  def train(precision, batch, profile=False):
+  def train(precision, batch, profile=False, formulation=None):
     return run(['--what', 'train', '--data', 'synthetic', *timing, f'--config.data.batch_size={batch}',
-                f'--config.parallel.precision={precisions[precision]}', '--profile', '3' if profile else '0'])
+                f'--config.parallel.precision={precisions[precision]}', '--profile', '3' if profile else '0'],
+               formulation=formulation)
 
-  first = {p: train(p, first_batch, profile=p == 'bf16') for p in precisions}
-  rows = [row(f'train {first_batch}', p, result) for p, result in first.items()]
+  first = {p: train(p, first_batch, profile=p == 'bf16', formulation='plain' if p == 'bf16' else None)
+           for p in precisions}
+  rows = [row(f'train {first_batch}' + (' plain' if p == 'bf16' else ''), p, result) for p, result in first.items()]
+  formulations = {'plain': first['bf16'], 'xla_cpu': train('bf16', first_batch, formulation='xla_cpu')}
+  rows.insert(1, row(f'train {first_batch} xla_cpu', 'bf16', formulations['xla_cpu']))
   step_size, sample_batch = (100, 8) if smoke else (10, 128)
   rows.append(row(f'sample DDIM step_size {step_size}, CFG w=1', 'bf16', run(
       ['--what', 'sample', f'--config.sample.step_size={step_size}', f'--config.sample.batch_size={sample_batch}',
@@ -159,6 +170,10 @@ def main():
   print(f'\ndevice: {device}; MFU against {peak or "an unknown"} TFLOP/s dense bf16 (vendor datasheet; set '
         f'GPU_SH_PEAK_TFLOPS to override){"; SMOKE (digits-sized)" if smoke else ""}')
   print(format_table(rows))
+  timed = {name: r['ms_per_step'] for name, r in formulations.items() if not isinstance(r, str)}
+  if len(timed) == 2:
+    print(f'\nfaster formulation of the train step here: {min(timed, key=timed.get)} '
+          f'({", ".join(f"{name} {ms:.1f} ms/step" for name, ms in timed.items())}; ddjax/models/xla_cpu.py)')
   profiled = [r for r in rows if r.get('profile')]
   if profiled:
     sys.path.insert(0, REPO)  # the checkout, installed or not (python -m ddjax.benchmark runs from it too)

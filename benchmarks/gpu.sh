@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One GPU, one table, <= 8 minutes, as is on any machine with an NVIDIA GPU (what runs: benchmarks/gpu.py).
+# One GPU, one table, <= 8 minutes, as is on any machine with an NVIDIA GPU (what runs: benchmarks/gpu.py), with
+# the ImageNet-64 train step timed in both formulations, plain and XLA:CPU's (ddjax/models/xla_cpu.py).
 #
 #   bash benchmarks/gpu.sh
 #   GPU_SH_SMOKE=1 bash benchmarks/gpu.sh    # the same runs at digits size on any machine, the CPU included

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddjax.models import conv, discriminator, ncsnpp
+from ddjax.models import conv, discriminator, ncsnpp, xla_cpu
 
 # Reference counts: sum(p.numel() for p in model.parameters()) of NVlabs/denoising-diffusion-gan at commit
 # 6818ded6443e10ab69c7864745457ce391d4d883 (torch 2.13.0 CPU, score_sde/op stubbed to its native CPU path; no
@@ -243,16 +243,16 @@ def test_minibatch_stddev_batch_must_fill_groups():
     discriminator.minibatch_stddev(jnp.zeros((6, 2, 2, 1)))
 
 
-# ---- convolutions with canonical gradients (ddjax.models.conv, in every network) ----
+# ---- convolutions with canonical gradients (xla_cpu.conv_general_dilated, every network's on the CPU) ----
 
 def lax_conv(x, w, padding):
   return jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
                                       precision='highest')
 
 
-def ddjax_conv(x, w, padding):
+def ddjax_conv(x, w, padding, implementation=xla_cpu.conv_general_dilated):
   numbers = jax.lax.conv_dimension_numbers(x.shape, w.shape, ('NHWC', 'HWIO', 'NHWC'))
-  return conv.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=numbers, precision='highest')
+  return implementation(x, w, (1, 1), padding, dimension_numbers=numbers, precision='highest')
 
 
 @pytest.mark.parametrize('size, kernel, padding', [
@@ -273,14 +273,17 @@ def test_conv_values_and_gradients_to_second_order_are_lax(size, kernel, padding
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(want))))
 
 
+@pytest.mark.xla_cpu
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason="XLA:CPU's convolution layouts")
 @pytest.mark.parametrize('container', ['cond', 'scan'])
 def test_conv_gradients_in_cond_and_scan_are_canonical(container):
   """XLA:CPU's layout pass does not reach a lax.cond branch or a loop body (DDGAN's lazy R1, gradient
-  accumulation), where lax's own weight gradient stays non-canonical, a naive loop nest ~25x slower; ddjax's
-  convolutions, first and second order, are all NHWC/HWIO there."""
+  accumulation), where lax's own weight gradient stays non-canonical, a naive loop nest; the networks'
+  convolutions (conv.conv_general_dilated, xla_cpu's in a CPU program), first and second order, are all
+  NHWC/HWIO there."""
   x, w = jnp.ones((4, 8, 8, 3)), jnp.ones((3, 3, 3, 5))
-  r1 = lambda w: jnp.sum(jax.grad(lambda x: jnp.sum(jnp.tanh(ddjax_conv(x, w, 'SAME'))))(x) ** 2)
+  selected = lambda x, w, padding: ddjax_conv(x, w, padding, conv.conv_general_dilated)
+  r1 = lambda w: jnp.sum(jax.grad(lambda x: jnp.sum(jnp.tanh(selected(x, w, 'SAME'))))(x) ** 2)
   if container == 'cond':
     program = jax.jit(lambda w: jax.lax.cond(jnp.sum(w) > 0, jax.grad(r1), jnp.zeros_like, w))
   else:

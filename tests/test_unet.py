@@ -120,21 +120,6 @@ def test_helpers():
   np.testing.assert_allclose(emb[0], [1, 1, 1, 1, 0, 0, 0, 0])
 
 
-def test_upsampled_conv_is_the_convolution_of_the_upsampled_image():
-  """upsampled_conv (four 2×2 phase convolutions of the low-resolution image) is the 3×3 SAME convolution of the
-  nearest-upsampled image, in value and in the gradients of the image and the kernel, on a non-square image."""
-  rng = np.random.default_rng(0)
-  x, kernel = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in ((2, 5, 7, 6), (3, 3, 6, 4)))
-
-  def upsampled_then_convolved(x, kernel):
-    return jax.lax.conv_general_dilated(jax.image.resize(x, (2, 10, 14, 6), 'nearest'), kernel, (1, 1), 'SAME',
-                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision='highest')
-
-  assert_close_with_gradients(jax.vjp(lambda x, k: unet.upsampled_conv(x, k, (1, 1), 'SAME'), x, kernel),
-                              jax.vjp(upsampled_then_convolved, x, kernel),
-                              jnp.asarray(rng.normal(size=(2, 10, 14, 4)), jnp.float32), 3e-6)
-
-
 def assert_close_with_gradients(ours, reference, cotangent, tolerance):
   """ours and reference are jax.vjp's (output, vjp function) pairs: the values and every input's gradient agree
   within tolerance, relative to each array's largest entry."""
@@ -149,9 +134,9 @@ def assert_close_with_gradients(ours, reference, cotangent, tolerance):
 @pytest.mark.parametrize('dtype, tolerance', [(jnp.float32, 3e-6), (jnp.bfloat16, 8e-3)])
 @pytest.mark.parametrize('silu', [False, True])
 def test_group_norm_is_flax_group_norm(dtype, tolerance, silu):
-  """normalization.GroupNorm (per-channel sums first, a written-out gradient, for XLA:CPU; with `silu` the
-  activation fused in) has nn.GroupNorm's parameters, and its results and gradients (of the input, scale and
-  bias), followed by nn.silu when fused: in bfloat16 to bfloat16's precision of float32's."""
+  """normalization.GroupNorm (xla_cpu.group_norm in a CPU program, with `silu` the activation fused in) has
+  nn.GroupNorm's parameters, and its results and gradients (of the input, scale and bias), followed by nn.silu
+  with `silu`: in bfloat16 to bfloat16's precision of float32's."""
   x = jnp.asarray(np.random.default_rng(0).normal(1.0, 2.0, (3, 8, 8, 96)), dtype)
   params = {'scale': jnp.linspace(0.5, 2, 96), 'bias': jnp.linspace(-1, 1, 96)}
   ours = normalization.GroupNorm(num_groups=32, dtype=dtype, silu=silu)
@@ -200,12 +185,17 @@ def activation_readers(program, x, *args) -> int:
   return sum(activation in operands for _, _, operands in compiled_entry(program, x, *args))
 
 
+on_xla_cpu = pytest.mark.skipif(jax.default_backend() != 'cpu', reason="XLA:CPU's compiled program")
+
+
+@pytest.mark.xla_cpu
+@on_xla_cpu
 @pytest.mark.parametrize('per_example_affine', [False, True])
 @pytest.mark.parametrize('offset_shape', [(3, 96), (96,)])
 def test_group_norm_offset_is_the_norm_of_the_shifted_input(per_example_affine, offset_shape):
   """group_norm(x, ..., offset=o) is the norm of x + o (o per example and channel, or per channel), SiLU fused,
-  in value and in the gradients of x, scale, bias and o; formed within the norm's own passes, so the offset costs
-  no instruction that reads an activation-sized array."""
+  in value and in the gradients of x, scale, bias and o; on XLA:CPU formed within the norm's own passes, so the
+  offset costs no instruction that reads an activation-sized array."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(1.0, 2.0, (3, 8, 8, 96)), jnp.float32)
   affine_shape = (3, 96) if per_example_affine else (96,)
@@ -245,6 +235,8 @@ def test_res_block_is_its_flax_composition():
                               jax.vjp(flax_block, params, x), cotangent, 3e-6)
 
 
+@pytest.mark.xla_cpu
+@on_xla_cpu
 def test_group_norm_gradient_sums_the_batch_from_its_per_example_sums():
   """The scale's and bias's gradients (shape [C]) are reduced from the [B, C] per-example sums, not by another pass
   over an activation-sized array: no [C]-shaped instruction of the compiled backward reads a [B, H, W, C] one."""

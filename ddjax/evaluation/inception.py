@@ -9,6 +9,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
+
+from ddjax.models import xla_cpu
 
 INPUT_SIZE = 299
 NUM_FEATURES = 2048  # pool3
@@ -17,6 +20,13 @@ NUM_LOGITS = 1008  # 1000 ImageNet classes + 8 unused outputs of the 2015 graph
 
 def _pair(value) -> tuple[int, int]:
   return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def conv(lhs, rhs, window_strides, padding, **options):
+  """lax.conv_general_dilated; xla_cpu.halo_conv (the same numbers, an unpadded convolution computed as a padded
+  one) in a program lowered for the CPU. nn.Conv's conv_general_dilated signature."""
+  return xla_cpu.select(xla_cpu.halo_conv, lax.conv_general_dilated, lhs, rhs, window_strides=window_strides,
+                        padding=padding, **options)
 
 
 class BasicConv2d(nn.Module):
@@ -28,13 +38,9 @@ class BasicConv2d(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    # XLA:CPU runs an unpadded stride-1 3×3 convolution 3–4× slower than a zero-padded one, and the padded one
-    # cropped back is bitwise the same: so the stem's Conv2d_2a/4a (a third of the network's CPU time) pad a
-    # halo and drop it.
-    halo = [(k - 1) // 2 if self.stride == 1 and p == 0 else 0 for k, p in zip(_pair(self.kernel), _pair(self.padding))]
     x = nn.Conv(self.features, _pair(self.kernel), strides=self.stride,
-                padding=[(p + h, p + h) for p, h in zip(_pair(self.padding), halo)], use_bias=False, name='conv')(x)
-    x = x[:, halo[0]:x.shape[1] - halo[0], halo[1]:x.shape[2] - halo[1]]
+                padding=[(p, p) for p in _pair(self.padding)], use_bias=False, conv_general_dilated=conv,
+                name='conv')(x)
     x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, name='bn')(x)
     return nn.relu(x)
 

@@ -60,8 +60,8 @@ def upfirdn_1d(x, taps, *, axis: int, up: int = 1, down: int = 1, pad: tuple[int
 
 def upfirdn(x, taps, *, up: int = 1, down: int = 1, pad: tuple[int, int] = (0, 0), gain: float = 1.0):
   """upfirdn2d on NHWC with the separable kernel outer(f, f)·gain, f = taps / sum(taps): one pass over H, one
-  over W, each a weighted sum of strided slices. (A depthwise convolution computes the same, but XLA:CPU runs
-  its gradient ~40× slower: it dominated a DDGAN step.)"""
+  over W, each a weighted sum of strided slices, where a depthwise convolution, which computes the same, has a
+  gradient XLA:CPU runs slowly (docs/performance.md)."""
   f = np.asarray(taps, np.float64) / np.sum(taps) * np.sqrt(gain)
   return upfirdn_1d(upfirdn_1d(x, f, axis=1, up=up, down=down, pad=pad), f, axis=2, up=up, down=down, pad=pad)
 
@@ -101,13 +101,12 @@ def num_resolutions_ok(image_size: int, ch_mult) -> bool:
 
 class AdaGroupNorm(nn.Module):
   """SiLU(AdaGN(x, z)): AdaGN is γ(z)·GN(x) + β(z), GroupNorm without affine, (γ, β) = Dense(z_emb) with bias
-  init (1, 0); the SiLU fused into the norm as GroupNorm's is. The norm, affine and SiLU in float32 whatever the
-  dtype."""
+  init (1, 0). The norm, affine and SiLU in float32 whatever the dtype (normalization.group_norm)."""
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, z_emb, offset=None):
-    """SiLU(AdaGN(x + offset, z)), offset ([C] or [B, C]) added within the norm (normalization.group_norm)."""
+    """SiLU(AdaGN(x + offset, z)), offset [C] or [B, C]: the norm adds it (normalization.group_norm)."""
     c = x.shape[-1]
     bias_init = lambda key, shape, dtype: jnp.concatenate([jnp.ones(c, dtype), jnp.zeros(c, dtype)])
     style = nn.Dense(2 * c, kernel_init=dense_init(), bias_init=bias_init, dtype=self.dtype)(z_emb)
@@ -138,7 +137,7 @@ class ResBlock(nn.Module):
     if self.resample != 'none':
       resample = fir_upsample if self.resample == 'up' else fir_downsample
       h, x = resample(h, self.fir_kernel), resample(x, self.fir_kernel)
-    # The bias and the time projection are added within the norm's passes (normalization.group_norm).
+    # AdaGN(h + bias + time projection): the sum is the norm's offset (normalization.group_norm).
     h, offset = conv(out_ch, 3, self.dtype, bias_apart=True, name='Conv_0')(h)
     if t_emb is not None:
       offset = offset + nn.Dense(out_ch, kernel_init=default_init(), dtype=self.dtype)(nn.silu(t_emb))

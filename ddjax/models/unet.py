@@ -9,11 +9,9 @@ import math
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-import numpy as np
 
-from ddjax.models.conv import Conv, ConvAndBias, conv_general_dilated, is_one
+from ddjax.models.conv import Conv, ConvAndBias, upsampled_conv
 from ddjax.models.normalization import GroupNorm
 
 zeros = nn.initializers.zeros
@@ -26,41 +24,6 @@ def largest_divisor(n: int, limit: int) -> int:
 
 def group_norm(x, dtype, silu: bool = False, offset=None):
   return GroupNorm(num_groups=largest_divisor(x.shape[-1], 32), dtype=dtype, silu=silu)(x, offset)
-
-
-# For the output rows of each parity (0: even, 1: odd), which of a 3×3 kernel's rows reach each of the two input
-# rows they see (i − 1 and i for even rows, i and i + 1 for odd ones) after a nearest 2× upsampling; likewise for
-# columns.
-_UPSAMPLED_TAPS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.float32)
-
-
-def upsampled_conv(lhs, rhs, window_strides, padding, *, lhs_dilation=None, rhs_dilation=None,
-                   dimension_numbers=None, feature_group_count=1, precision=None):
-  """The 3×3 'SAME' convolution of lhs upsampled 2× by nearest neighbour, computed on lhs itself: each of the
-  output's four phases (row and column parity) sees two rows and two columns of lhs, so it is a 2×2 convolution
-  of lhs with the 3×3 kernel's taps summed accordingly, padded on the side its rows and columns reach past. 16
-  taps over H×W instead of 9 over 2H×2W, 44% of the multiplications, and the upsampled image is never formed (nor
-  kept for the weight gradient). Four convolutions rather than one with 4× the output channels: that one needs
-  both paddings, so (H + 1)×(W + 1) outputs, and its weight gradient, an (H + 1)×(W + 1) kernel over an H×W
-  image, is one XLA:CPU swaps the operands of (conv.py); four take 34–39% less time forward and backward at
-  16×16×128 → 32×32×64. Equal to the convolution of the upsampled image within float32 rounding. Given to Conv as
-  its conv_general_dilated; the parameters are Conv's."""
-  plain = all(is_one(v) for v in (window_strides, lhs_dilation, rhs_dilation)) and feature_group_count == 1
-  if rhs.shape[:2] != (3, 3) or padding != 'SAME' or not plain or lhs.ndim != 4:
-    raise ValueError(f'upsampled_conv takes a 3×3 SAME NHWC convolution without strides, dilations or groups; '
-                     f'got kernel {rhs.shape}, strides {window_strides}, padding {padding}')
-  del dimension_numbers  # NHWC / HWIO, nn.Conv's
-  b, h, w, _ = lhs.shape
-  taps = jnp.asarray(_UPSAMPLED_TAPS)
-  kernels = jnp.einsum('prh,qsw,hwio->pqrsio', taps, taps, rhs.astype(jnp.float32),
-                       precision=jax.lax.Precision.HIGHEST).astype(rhs.dtype)
-  # Output (2i + p, 2j + q) is phases[p][q][i, j]: even rows see lhs rows i − 1 and i (padded above), odd ones
-  # i and i + 1 (padded below); likewise for columns.
-  phases = [[conv_general_dilated(lhs, kernels[p, q], (1, 1), ((1 - p, p), (1 - q, q)),
-                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=precision)
-             for q in (0, 1)] for p in (0, 1)]
-  rows = [jnp.stack(phases[p], axis=3) for p in (0, 1)]  # [B, H, W, 2 (q), C_out] each
-  return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, rhs.shape[-1])
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10_000.0):
@@ -89,7 +52,7 @@ class ResBlock(nn.Module):
     cond = nn.Dense(c, dtype=self.dtype)(nn.silu(t_emb))
     if c_emb is not None:
       cond = cond + nn.Dense(c, dtype=self.dtype)(nn.silu(c_emb))
-    # h + bias + cond, added within the norm's own passes (normalization.group_norm's offset).
+    # GN(h + bias + cond): the sum is the norm's offset (normalization.group_norm).
     h = group_norm(h, self.dtype, silu=True, offset=conv_bias + cond)
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     return x + Conv(c, (3, 3), kernel_init=zeros, dtype=self.dtype, name='Conv_1')(h)
@@ -164,10 +127,10 @@ class ChannelAttention(nn.Module):
 BLOCKS = {'res': ResBlock, 'conv': ConvNeXtBlock, 'clsAtn': ClassAttention, 'atn': PatchAttention,
           'chnAtn': ChannelAttention}
 BLOCK_TYPES = tuple(BLOCKS)
-# The same blocks under jax.checkpoint, saving only each block's inputs. No policy: also saving the matmul
-# outputs (dots_with_no_batch_dims_saveable) took 13-32% more temp memory for 3-4% fewer FLOPs in the seed's
-# train step. prevent_cse stays on: outside a scan, XLA would otherwise merge the recomputation back into the
-# forward pass. Blocks are called as (self, x, t_emb, c_emb, train); `train` is a Python bool, hence static.
+# The same blocks under jax.checkpoint, saving only each block's inputs: no policy, as also saving the matmul
+# outputs buys few FLOPs for much more memory (docs/performance.md). prevent_cse stays on: outside a scan, XLA would
+# otherwise merge the recomputation back into the forward pass. Blocks are called as (self, x, t_emb, c_emb,
+# train); `train` is a Python bool, hence static.
 REMAT_BLOCKS = {token: nn.remat(block, static_argnums=(4,)) for token, block in BLOCKS.items()}
 
 
@@ -235,7 +198,7 @@ class UNet(nn.Module):
       x = jnp.concatenate([x, skips.pop()], axis=-1)
       x = Conv(self.width(level), (1, 1), dtype=self.dtype)(x)
       x = self.apply_blocks(x, t_emb, c_emb, train, f'up{level}')
-      if level > 0:  # nearest 2× upsampling, then a 3×3 convolution: computed as one (upsampled_conv)
+      if level > 0:  # nearest 2× upsampling, then a 3×3 convolution
         x = Conv(self.width(level - 1), (3, 3), dtype=self.dtype, conv_general_dilated=upsampled_conv)(x)
 
     x = group_norm(x, self.dtype, silu=True)

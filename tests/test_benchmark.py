@@ -123,10 +123,10 @@ def test_gpu_script_searches_batches_until_one_fails(monkeypatch, capsys):
   from benchmarks import gpu
   calls = []
 
-  def fake_benchmark(args, *, timeout_s):
+  def fake_benchmark(args, *, timeout_s, formulation=None):
     flags = dict(arg.split('=', 1) for arg in args if arg.startswith('--config.') and '=' in arg)
     batch = int(flags.get('--config.data.batch_size', 8))
-    calls.append((args[args.index('--what') + 1], batch))
+    calls.append((args[args.index('--what') + 1], batch) + ((formulation,) if formulation else ()))
     if batch > 256:
       return 'out of memory'
     profiled = '--profile' in args and args[args.index('--profile') + 1] != '0'
@@ -139,12 +139,13 @@ def test_gpu_script_searches_batches_until_one_fails(monkeypatch, capsys):
   monkeypatch.setattr(gpu, 'benchmark', fake_benchmark)
   monkeypatch.delenv('GPU_SH_SMOKE', raising=False)
   gpu.main()
-  assert calls == [('train', 128), ('train', 128), ('sample', 8), ('fid', 8), ('train', 256), ('train', 384),
-                   ('train', 256), ('train', 384)]
+  assert calls == [('train', 128, 'plain'), ('train', 128), ('train', 128, 'xla_cpu'), ('sample', 8), ('fid', 8),
+                   ('train', 256), ('train', 384), ('train', 256), ('train', 384)]
   table = capsys.readouterr().out
+  assert 'faster formulation of the train step here: plain (plain 1280.0 ms/step, xla_cpu 1280.0 ms/step' in table
   assert 'device: NVIDIA H100 80GB HBM3; MFU against 989 TFLOP/s' in table
   assert table.count('train largest (256; 384: out of memory)') == 2 and '10.1%' in table  # 1e12 / 10 ms / 989e12
-  assert table.count('where the time of') == 1 and 'where the time of train 128 bf16 goes' in table  # bf16 only
+  assert table.count('where the time of') == 1 and 'where the time of train 128 plain bf16 goes' in table  # bf16 only
   assert 'backward | Conv | convolution | 10.00 | 100.0% | 2' in table
   assert "convolutions' time: 12800 TFLOP/s" in table  # 128e12 FLOPs / 10 ms (a fake device)
 
@@ -156,7 +157,7 @@ def test_gpu_script_jumps_to_the_batch_its_memory_predicts(monkeypatch, capsys):
   calls, limit = [], 100e9
   per_image = {'bfloat16': 80e6, 'float32': 160e6}
 
-  def fake_benchmark(args, *, timeout_s):
+  def fake_benchmark(args, *, timeout_s, formulation=None):
     flags = dict(arg.split('=', 1) for arg in args if arg.startswith('--config.') and '=' in arg)
     batch, precision = int(flags.get('--config.data.batch_size', 8)), flags.get('--config.parallel.precision')
     calls.append((args[args.index('--what') + 1], batch))
@@ -172,8 +173,8 @@ def test_gpu_script_jumps_to_the_batch_its_memory_predicts(monkeypatch, capsys):
   assert gpu.largest_batch_guess(first, 128) == 1088  # 0.9 * 100e9 / 80e6 = 1125
   assert gpu.largest_batch_guess({'peak_device_memory_bytes': None, 'device_memory_limit_bytes': None}, 8) is None
   gpu.main()
-  assert calls == [('train', 128), ('train', 128), ('sample', 8), ('fid', 8), ('train', 1088), ('train', 768),
-                   ('train', 512)]  # 1088 * 3 / 4 = 816 -> 768; float32: 0.9 * 100e9 / 160e6 = 562 -> 512
+  assert calls == [('train', 128), ('train', 128), ('train', 128), ('sample', 8), ('fid', 8), ('train', 1088),
+                   ('train', 768), ('train', 512)]  # 1088 * 3 / 4 = 816 -> 768; float32: 0.9 * 100e9 / 160e6 = 562 -> 512
   table = capsys.readouterr().out
   assert 'train largest (768; 1088: out of memory) | bf16 | 768 |' in table
   assert 'train largest (512) | f32 | 512 |' in table

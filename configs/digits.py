@@ -11,6 +11,7 @@ def get_config():
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.method = 'diffusion'  # the training method (ddjax.methods): 'diffusion' or 'ddgan'
+  config.weights = config_dict.placeholder(str)  # --mode import: a published checkpoint (ddjax.pretrained)
 
   config.data = data = ml_collections.ConfigDict()
   data.dataset = 'digits'

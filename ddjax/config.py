@@ -30,14 +30,14 @@ _TYPES = {
                  'eval.metrics'),
     'True or False': ((bool,), 'data.random_flip model.remat'),
     'None or an int': ((int, _NONE), 'sample.checkpoint_step'),
-    'None or a string': ((str, _NONE), 'data.data_dir eval.inception_weights eval.cache_dir'),
+    'None or a string': ((str, _NONE), 'weights data.data_dir eval.inception_weights eval.cache_dir'),
 }
 
 
 def validate(config, *, device_count: int | None = None, mode: str = 'train'):
   """Every key of `config`, for `device_count` devices (default: those this program sees): the generic keys
   here, then the method's (methods.validate) and the model's; for `mode` 'sweep' also the grid (sweep_grid),
-  which no other mode reads."""
+  which no other mode reads, and for 'import' the weights file (ddjax.pretrained)."""
   check_types(config, _TYPES)
   data, train, sample = config.data, config.train, config.sample
   check(bool(data.dataset.strip()), 'data.dataset', data.dataset, "a TFDS dataset name such as 'digits' or 'mnist'")
@@ -75,6 +75,8 @@ def validate(config, *, device_count: int | None = None, mode: str = 'train'):
   parallel.validate(config, device_count)
   if mode == 'sweep':
     sweep_grid(config)
+  check(mode != 'import' or config.weights is not None, 'weights', config.weights,
+        'the path of a published checkpoint with --mode import (--config.weights=PATH)')
 
 
 # The sweep's grid axes: comma lists in strings (command-line friendly: --config.sweep.eta=0,0.5,1).

@@ -1,4 +1,5 @@
-"""Entry point: python -m ddjax.main --config configs/<name>.py --workdir <dir> [--mode train|sample|eval|sweep]."""
+"""Entry point: python -m ddjax.main --config configs/<name>.py --workdir <dir> [--mode train|sample|eval|sweep|import]
+(see the --mode flag)."""
 import importlib
 import signal
 import sys
@@ -13,16 +14,17 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (ml_collections); override keys with --config.<key>=v.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints/, metrics.jsonl, samples/.')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'sweep'],
-                  'train (resumes automatically), sample, eval (FID/IS/bits per dim), or sweep (a grid of sampler '
-                  'settings, each scored).')
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'sweep', 'import'],
+                  'train (resumes automatically), sample, eval (FID/IS/bits per dim), sweep (a grid of sampler '
+                  'settings, each scored), or import (a published checkpoint, --config.weights, as a workdir at '
+                  'step 0).')
 flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0 (or DDJAX_COORDINATOR_ADDRESS).')
 flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes (or DDJAX_NUM_PROCESSES).')
 flags.DEFINE_integer('process_id', None, 'Multi-host: this process, 0..num_processes-1 (or DDJAX_PROCESS_ID).')
 flags.DEFINE_integer('coordinator_timeout', 300, 'Multi-host: seconds to wait for all processes to connect.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-EXIT_CONFIG_ERROR = 2  # an invalid setting or flag: nothing was built, compiled or written
+EXIT_CONFIG_ERROR = 2  # an invalid setting or flag, or a weights file that does not fit: nothing was written
 # no data, a missing or corrupt checkpoint or Inception weights file, a busy or unwritable workdir, a failed save, NaN
 EXIT_FAILED = 1
 EXIT_PREEMPTED = 128 + signal.SIGTERM  # 143, the status of a process killed by SIGTERM; its checkpoint is saved
@@ -51,7 +53,8 @@ def main(argv):
 
 # --mode -> (module of ddjax, its function(config, workdir)); a module is imported only for its own mode.
 MODES = {'train': ('train', 'train_and_evaluate'), 'sample': ('generate', 'sample_and_save'),
-         'eval': ('evaluation.evaluate', 'evaluate'), 'sweep': ('evaluation.sweep', 'sweep')}
+         'eval': ('evaluation.evaluate', 'evaluate'), 'sweep': ('evaluation.sweep', 'sweep'),
+         'import': ('pretrained', 'import_to_workdir')}
 
 
 def run_mode():
@@ -77,12 +80,15 @@ def run_checked(mode: str, task):
   from ddjax.checkpoint import CheckpointError
   from ddjax.evaluation.fid import InceptionWeightsError
   from ddjax.image_files import FileFormatError
+  from ddjax.pretrained import PretrainedError
   from ddjax.workdir import WorkdirError
   try:
     data.check_prepared(FLAGS.config, mode)  # a missing dataset: one line before anything is built or written
     task()
   except ConfigError as error:
     exit_with(f'invalid config: {error}', EXIT_CONFIG_ERROR)
+  except PretrainedError as error:
+    exit_with(str(error), EXIT_CONFIG_ERROR)
   except train.Preempted as stop:
     exit_with(str(stop), EXIT_PREEMPTED)
   except (data.DatasetNotFoundError, CheckpointError, WorkdirError, FloatingPointError, InceptionWeightsError,

@@ -84,7 +84,7 @@ def check_finite(host_metrics: list, first_step: int, manager, keys):
 DATA_ORDER_KEYS = ('seed', 'data.dataset', 'data.batch_size', 'data.num_shards', 'data.shuffle_buffer',
                    'data.random_flip', 'data.image_size', 'data.num_channels')
 # Sections and keys that neither the state nor the data order depend on: never checked further.
-SAFE_PREFIXES = ('sample.', 'eval.', 'sweep.', 'parallel.mode', 'data.data_dir', 'train.num_steps',
+SAFE_PREFIXES = ('weights', 'sample.', 'eval.', 'sweep.', 'parallel.mode', 'data.data_dir', 'train.num_steps',
                  'train.log_every', 'train.checkpoint_every', 'train.sample_every', 'train.keep_checkpoints')
 
 

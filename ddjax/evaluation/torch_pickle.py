@@ -7,7 +7,9 @@
   persistent id is ('storage', storage_type, key, location, numel, view_metadata).
 
 The unpickler builds only what a state_dict holds (an OrderedDict of tensors rebuilt by
-`torch._utils._rebuild_tensor_v2`) and refuses every other global, so reading a file runs no code from it.
+`torch._utils._rebuild_tensor_v2`); every other global (the argparse.Namespace or optimizer state a training
+checkpoint holds beside its state_dicts) becomes an inert stand-in that keeps nothing, so reading a file runs no
+code from it.
 """
 import collections
 import io
@@ -69,6 +71,19 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
   return data
 
 
+class _StandIn:
+  """What an unknown global in the file unpickles to: accepts any construction and state, keeps none of it."""
+
+  def __new__(cls, *args, **kwargs):
+    return super().__new__(cls)
+
+  def __init__(self, *args, **kwargs):
+    pass
+
+  def __setstate__(self, state):
+    pass
+
+
 _GLOBALS = {
     ('collections', 'OrderedDict'): collections.OrderedDict,
     ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor_v2,
@@ -85,9 +100,7 @@ class _Unpickler(pickle.Unpickler):
     self._persistent_load = persistent_load
 
   def find_class(self, module, name):
-    if (module, name) not in _GLOBALS:
-      raise TorchFileError(f'it refers to {module}.{name}, which a state_dict does not contain')
-    return _GLOBALS[(module, name)]
+    return _GLOBALS.get((module, name), _StandIn)
 
   def persistent_load(self, pid):
     if self._persistent_load is None or not isinstance(pid, tuple) or not pid or pid[0] != 'storage':
@@ -103,21 +116,45 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
 
   Raises OSError when the file cannot be read, TorchFileError when it is not such a state_dict.
   """
+  state = load(path)
+  if not is_state_dict(state):
+    raise TorchFileError('it does not hold a state_dict (a dict of tensors)')
+  return {str(name): array for name, array in state.items()}
+
+
+def is_state_dict(value) -> bool:
+  """Whether `value` (from `load`) is a non-empty dict of arrays."""
+  return isinstance(value, dict) and bool(value) and all(isinstance(v, np.ndarray) for v in value.values())
+
+
+def load(path: str):
+  """The object saved by `torch.save` at `path` (zip or legacy format), every tensor a numpy array inside its
+  dicts, lists and tuples; objects of other classes are inert stand-ins.
+
+  Raises OSError when the file cannot be read, TorchFileError when it is not a torch file.
+  """
   with open(path, 'rb') as f:
     content = f.read()
   try:
     if zipfile.is_zipfile(io.BytesIO(content)):
-      state = _load_zip(content)
-    else:
-      state = _load_legacy(io.BytesIO(content))
-    if not isinstance(state, dict) or not all(isinstance(v, _Tensor) for v in state.values()):
-      raise TorchFileError('it does not hold a state_dict (a dict of tensors)')
-    return {str(name): tensor.numpy() for name, tensor in state.items()}
+      return _materialised(_load_zip(content))
+    return _materialised(_load_legacy(io.BytesIO(content)))
   except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
           zipfile.BadZipFile) as error:
     if isinstance(error, TorchFileError):
       raise
     raise TorchFileError(f'it is truncated or not a torch file ({type(error).__name__}: {error})') from None
+
+
+def _materialised(value):
+  """`value` with every _Tensor inside its dicts, lists and tuples replaced by its array."""
+  if isinstance(value, _Tensor):
+    return value.numpy()
+  if isinstance(value, dict):
+    return {key: _materialised(item) for key, item in value.items()}
+  if type(value) in (list, tuple):
+    return type(value)(_materialised(item) for item in value)
+  return value
 
 
 def _load_zip(content: bytes):

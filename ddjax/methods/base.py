@@ -42,6 +42,8 @@ class Method:
   network_fn: Callable                     # (params, x_t, labels, rng) -> one call of the sampled network
   network_evals: int                       # network calls per sample (a guided step is one batched call)
   nll_fn: Callable | None = None           # (params, x0, labels, rng) -> bits/dim [B]; None: no likelihood
+  ema_of: str | None = None                # the key of `params` holding the network the EMA averages (and the
+                                           # sampler uses); None: `params` is that network
 
   def initial_state(self) -> TrainState:
     """The initial state, computed as one compiled program (run op by op, a network's init compiles hundreds of

@@ -282,4 +282,5 @@ def build(config) -> Method:
       sampler=f'DDGAN, {gan.num_timesteps} generator steps',
       parameter_counts=lambda params: {name: count_params(tree) for name, tree in params.items()},
       network_fn=functools.partial(generator_at_random_steps, generator, gan),
-      network_evals=gan.num_timesteps)
+      network_evals=gan.num_timesteps,
+      ema_of='generator')

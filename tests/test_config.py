@@ -130,8 +130,8 @@ def test_shipped_configs_lower_a_train_step_on_8_devices_at_their_real_shapes():
   for record in lowered:
     print(record)
     assert record['devices'] == 8 and record['mode'] == 'shard_map' and record['per_device_batch_in_program']
-  imagenet = [r for r in lowered if 'imagenet64' in r['config']]
-  assert len(imagenet) == 5 and all(r['per_device_batch'] == [128, 64, 64, 3] for r in imagenet)
+  seed = [r for r in lowered if 'imagenet64_res' in r['config']]  # the seed's 128 per GPU
+  assert len(seed) == 5 and all(r['per_device_batch'] == [128, 64, 64, 3] for r in seed)
 
 
 def test_cli_invalid_config_is_one_stderr_line_and_exit_2(tmp_path):

@@ -14,7 +14,7 @@ from ddjax.validation import check, check_choice, check_types
 
 # {what the message says is allowed: (Python types, keys)} of this method's keys (validation.check_types).
 TYPES = {
-    'an int': ((int,), 'diffusion.num_timesteps model.ch model.t_dim model.c_dim train.warmup_steps'),
+    'an int': ((int,), 'diffusion.num_timesteps model.ch train.warmup_steps'),
     'a float': ((int, float), 'diffusion.hybrid_lambda train.learning_rate train.weight_decay train.grad_clip '
                 'train.p_uncond sample.eta sample.guidance'),
     'a string': ((str,), 'diffusion.schedule diffusion.prediction diffusion.variance diffusion.loss '
@@ -35,7 +35,7 @@ def validate(config, device_count: int):
   del device_count
   check_types(config, TYPES)
   diff, train, sample, data = config.diffusion, config.train, config.sample, config.data
-  check_choice('model.name', config.model.name, ('unet',))
+  check_choice('model.name', config.model.name, ('unet', 'adm'))
   check_choice('diffusion.schedule', diff.schedule, ('linear', 'cosine'))  # vp/geometric are DDGAN's
   check_choice('diffusion.prediction', diff.prediction, gaussian_diffusion.PREDICTIONS)
   check_choice('diffusion.variance', diff.variance, gaussian_diffusion.VARIANCES)
@@ -48,8 +48,6 @@ def validate(config, device_count: int):
   check(diff.num_timesteps >= (21 if diff.schedule == 'linear' else 1), 'diffusion.num_timesteps',
         diff.num_timesteps, ">= 21 for 'linear', >= 1 for 'cosine'")
   check(diff.hybrid_lambda >= 0, 'diffusion.hybrid_lambda', diff.hybrid_lambda, '>= 0')
-  for key in ('t_dim', 'c_dim'):
-    check(config.model[key] >= 1, f'model.{key}', config.model[key], '>= 1')
 
   check(train.learning_rate > 0, 'train.learning_rate', train.learning_rate, '> 0')
   check(train.warmup_steps >= 0, 'train.warmup_steps', train.warmup_steps, '>= 0')

@@ -3,8 +3,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ddjax.gaussian_diffusion import output_channels
-from ddjax.models import discriminator, ncsnpp, unet
-from ddjax.validation import check, check_choice, fail
+from ddjax.models import adm, discriminator, ncsnpp, unet
+from ddjax.validation import check, check_choice, check_types, fail
 
 PRECISIONS = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -24,9 +24,10 @@ def _is_int(value) -> bool:
 
 def _validate_unet(config) -> None:
   """Checks in terms of config keys, so a bad config fails here and not as a tracing error."""
+  check_types(config, {'an int': ((int,), 'model.t_dim model.c_dim')})
   model, image_size = config.model, config.data.image_size
   blocks = parse_blocks(model.blocks)
-  for key in ('ch', 'num_levels', 'num_heads', 'attn_resolution'):
+  for key in ('ch', 'num_levels', 'num_heads', 'attn_resolution', 't_dim', 'c_dim'):
     check(model[key] >= 1, f'model.{key}', model[key], 'an integer >= 1')
   # A tuple must restate model.num_levels rather than define it, so no key is silently ignored.
   mult = model.ch_mult
@@ -95,8 +96,77 @@ def _create_ncsnpp(config, dtype) -> nn.Module:
   )
 
 
+# {what the message says is allowed: (Python types, keys)} of the ADM network's keys (validation.check_types).
+_ADM_TYPES = {
+    'an int': ((int,), 'model.ch model.num_res_blocks model.num_heads model.num_head_channels'),
+    'a tuple of ints': ((tuple, list), 'model.ch_mult model.attn_resolutions'),
+    'True or False': ((bool,), 'model.scale_shift_norm model.resblock_updown model.rescale_timesteps'),
+    'a string': ((str,), 'model.attention_order model.layout'),
+}
+
+
+def _validate_adm(config) -> None:
+  """The ADM U-Net's keys in config terms: the image halves len(ch_mult)-1 times, every width splits into
+  GroupNorm's 32 groups and into whole heads, attention sits at feature-map widths the network has."""
+  check_types(config, _ADM_TYPES)
+  model, image_size = config.model, config.data.image_size
+  check_choice('model.layout', model.layout, adm.LAYOUTS)
+  check_choice('model.attention_order', model.attention_order, adm.ATTENTION_ORDERS)
+  check(len(model.ch_mult) >= 1 and all(_is_int(m) and m >= 1 for m in model.ch_mult), 'model.ch_mult',
+        model.ch_mult, 'a non-empty tuple of ints >= 1 (the width of each level as a multiple of model.ch)')
+  for key in ('ch', 'num_res_blocks', 'num_heads'):
+    check(model[key] >= 1, f'model.{key}', model[key], 'an integer >= 1')
+  check(model.num_head_channels == -1 or model.num_head_channels >= 1, 'model.num_head_channels',
+        model.num_head_channels, '-1 (heads by count: model.num_heads) or channels per head >= 1')
+  levels = len(model.ch_mult)
+  factor = 2 ** (levels - 1)
+  check(image_size % factor == 0, 'data.image_size', image_size,
+        f'a multiple of 2**(len(model.ch_mult)-1) = {factor} with model.ch_mult={tuple(model.ch_mult)}')
+  widths = {image_size // 2 ** level: model.ch * mult for level, mult in enumerate(model.ch_mult)}
+  check(all(_is_int(r) and r in widths for r in model.attn_resolutions), 'model.attn_resolutions',
+        model.attn_resolutions, f'a tuple of feature-map widths of this network: {tuple(widths)}')
+  check(all(c % adm.NUM_GROUPS == 0 for c in widths.values()), 'model.ch', model.ch,
+        f'a width whose every level (model.ch * model.ch_mult={tuple(model.ch_mult)}) is a multiple of '
+        f'{adm.NUM_GROUPS} (GroupNorm groups)')
+  # attention at the chosen widths and in the middle block, at the deepest level
+  attended = {widths[r] for r in model.attn_resolutions} | {widths[image_size // factor]}
+  if model.num_head_channels == -1:
+    check(all(c % model.num_heads == 0 for c in attended), 'model.num_heads', model.num_heads,
+          f'a divisor of every attention width {sorted(attended)}')
+  else:
+    check(all(c % model.num_head_channels == 0 for c in attended), 'model.num_head_channels',
+          model.num_head_channels, f'-1 or a divisor of every attention width {sorted(attended)}')
+
+
+def _create_adm(config, dtype) -> nn.Module:
+  """The null class (row num_classes of the label embedding) exists exactly when training drops labels
+  (train.p_uncond > 0), as released class-conditional ADM checkpoints have none; guidance without it is refused by
+  the diffusion method's checks."""
+  model, diffusion = config.model, config.diffusion
+  return adm.ADM(
+      ch=model.ch,
+      ch_mult=tuple(model.ch_mult),
+      num_res_blocks=model.num_res_blocks,
+      attn_resolutions=tuple(model.attn_resolutions),
+      out_channels=output_channels(config.data.num_channels, diffusion.variance),
+      num_heads=model.num_heads,
+      num_head_channels=model.num_head_channels,
+      scale_shift_norm=model.scale_shift_norm,
+      resblock_updown=model.resblock_updown,
+      attention_order=model.attention_order,
+      dropout=model.dropout,
+      time_scale=1000 / diffusion.num_timesteps if model.rescale_timesteps else 1.0,
+      layout=model.layout,
+      num_classes=config.data.num_classes,
+      null_class=config.train.p_uncond > 0,
+      remat=model.remat,
+      dtype=dtype,
+  )
+
+
 # model.name -> (validate(config), build(config, dtype))
-MODELS = {'unet': (_validate_unet, _create_unet), 'ncsnpp': (_validate_ncsnpp, _create_ncsnpp)}
+MODELS = {'unet': (_validate_unet, _create_unet), 'adm': (_validate_adm, _create_adm),
+          'ncsnpp': (_validate_ncsnpp, _create_ncsnpp)}
 
 
 def validate_model(config) -> None:

@@ -1,13 +1,15 @@
 """The ADM U-Net (models/adm.py): the four published configs have the reference code's parameter counts, bad
 settings stop with one line, remat and bfloat16 compute the same network."""
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 
-from ddjax import config as config_lib, models
+from ddjax import config as config_lib, models, pretrained
 from ddjax.config import load_config_module
 from ddjax.validation import ConfigError
 
@@ -120,3 +122,99 @@ def test_remat_and_bfloat16_compute_the_same_network():
   assert out_bf16.dtype == jnp.float32
   assert float(jnp.max(jnp.abs(out_bf16 - out_f32))) < 0.05 * float(jnp.max(jnp.abs(out_f32)))
   assert float(jnp.max(jnp.abs(out_f32))) > 0
+
+
+# ---- parity with the reference code (tests/fixtures/make_adm_fixtures.py) ----
+
+FIXTURES = pathlib.Path(__file__).resolve().parent / 'fixtures'
+# fixture: (weights file, ADM keys of the tiny network the reference built, T, classes, learned variance)
+PARITY = {
+    'improved_ssn_sigma': ('adm_improved_ssn_sigma.pt', dict(
+        num_res_blocks=2, attn_resolutions=(4,), num_heads=2, scale_shift_norm=True, rescale_timesteps=True),
+        4000, 0, True),
+    'improved_plain_cond': ('adm_improved_plain_cond.pt', dict(
+        attn_resolutions=(8, 4), num_heads=1, rescale_timesteps=True), 4000, 5, False),
+    'guided_new_updown_cond': ('adm_guided_new_updown_cond.pt', dict(
+        attn_resolutions=(8, 4), num_head_channels=16, scale_shift_norm=True, resblock_updown=True,
+        attention_order='new'), 1000, 5, True),
+    'guided_legacy_heads': ('adm_guided_legacy_heads.pt', dict(attn_resolutions=(4,), num_heads=4), 1000, 0, False),
+    'diffusers_ddpm': ('adm_diffusers_ddpm/diffusion_pytorch_model.safetensors', dict(
+        layout='ddpm', attn_resolutions=(4,)), 1000, 0, False),
+}
+
+
+def fixture_config(model_keys, steps, num_classes, learned):
+  """The digits config at 8×8×3 with the fixture's network: ch 32, ch_mult (1, 1), one res block per level unless
+  model_keys say otherwise; no label dropout, so no null class, as the reference networks."""
+  config = load_module_adm().get_config(**{**dict(ch=32, ch_mult=(1, 1), num_res_blocks=1), **model_keys})
+  config.data.update(image_size=8, num_channels=3, num_classes=num_classes)
+  config.diffusion.update(num_timesteps=steps, variance='learned_range' if learned else 'fixed_small',
+                          loss='hybrid' if learned else 'simple')
+  config.train.p_uncond = 0.0
+  config.sample.guidance = 0.0
+  config.sweep.guidance = '0'
+  return config
+
+
+def reference_output(name):
+  arrays = np.load(FIXTURES / f'adm_{name}.npz')
+  return arrays['x'], arrays['t'], arrays['labels'] if 'labels' in arrays else None, arrays['out']
+
+
+def network_output(config, params, x, t, labels):
+  model = models.create_model(config)
+  return np.asarray(model.apply({'params': params}, jnp.asarray(x), jnp.asarray(t, jnp.int32),
+                                None if labels is None else jnp.asarray(labels, jnp.int32)))
+
+
+@pytest.mark.parametrize('name', PARITY)
+def test_imported_reference_network_gives_its_output(name):
+  """max |Δ| <= 1e-4 · max |output| in float32 against the reference network run by its own code."""
+  path, model_keys, steps, num_classes, learned = PARITY[name]
+  config = fixture_config(model_keys, steps, num_classes, learned)
+  config_lib.validate(config, device_count=1)
+  params = pretrained.load_params(str(FIXTURES / path), config)
+  x, t, labels, expected = reference_output(name)
+  out = network_output(config, params, x, t, labels)
+  error = float(np.max(np.abs(out - expected)))
+  print(f'{name}: max |Δ| {error:.2e}, max |out| {np.max(np.abs(expected)):.3f}')
+  assert error <= 1e-4 * float(np.max(np.abs(expected)))
+
+
+def test_diffusers_file_with_the_old_attention_names_imports_the_same(tmp_path):
+  """google/ddpm-cifar10-32 names its attention projections query/key/value/proj_attn (diffusers before 0.15)."""
+  path, model_keys, steps, num_classes, learned = PARITY['diffusers_ddpm']
+  state = safetensors.numpy.load_file(FIXTURES / path)
+  old_names = {'to_q': 'query', 'to_k': 'key', 'to_v': 'value', 'to_out.0': 'proj_attn'}
+  renamed = {re.sub(r'\.(to_q|to_k|to_v|to_out\.0)\.', lambda m: f'.{old_names[m[1]]}.', key): value
+             for key, value in state.items()}
+  assert any('.query.' in key for key in renamed)
+  safetensors.numpy.save_file(renamed, tmp_path / 'old.safetensors')
+  config = fixture_config(model_keys, steps, num_classes, learned)
+  new, old = (pretrained.load_params(str(p), config) for p in (FIXTURES / path, tmp_path / 'old.safetensors'))
+  jax.tree.map(np.testing.assert_array_equal, old, new)
+
+
+@pytest.mark.parametrize('name, key, value, phrase', [
+    ('improved_ssn_sigma', 'model.num_res_blocks', 1, 'the file has 2 res blocks per level; model.num_res_blocks=1'),
+    ('improved_ssn_sigma', 'diffusion.variance', 'fixed_small', "the file has 6 output channels (a learned "
+     "variance); diffusion.variance='fixed_small'"),
+    ('guided_new_updown_cond', 'model.resblock_updown', False, 'the file has res blocks for resampling; '
+     'model.resblock_updown=False'),
+    ('guided_legacy_heads', 'model.attn_resolutions', (8, 4), 'the file has attention at widths (4,) (at 8 px); '
+     'model.attn_resolutions=(8, 4)'),
+    ('improved_plain_cond', 'train.p_uncond', 0.1, 'the file has 5 class embeddings; data.num_classes=5, '
+     'train.p_uncond=0.1 (6 rows'),
+    ('diffusers_ddpm', 'model.layout', 'adm', "the file has DDPM's network (diffusers' layout); model.layout='adm'"),
+])
+def test_a_file_that_does_not_fit_names_the_flag(name, key, value, phrase):
+  path, model_keys, steps, num_classes, learned = PARITY[name]
+  config = fixture_config(model_keys, steps, num_classes, learned)
+  section, field = key.split('.')
+  config[section][field] = value
+  if key == 'diffusion.variance':
+    config.diffusion.loss = 'simple'
+  with pytest.raises(pretrained.PretrainedError) as error:
+    pretrained.load_params(str(FIXTURES / path), config)
+  message = str(error.value)
+  assert phrase in message and '\n' not in message, message

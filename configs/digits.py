@@ -61,7 +61,8 @@ def get_config():
 
   config.sample = sample = ml_collections.ConfigDict()
   sample.sampler = 'ddim'
-  sample.num_steps = config_dict.FieldReference(50, field_type=int)  # DDIM-50: 0, 20, ..., 980
+  sample.num_steps = config_dict.FieldReference(50, field_type=int)
+  sample.spacing = 'trailing'  # the grid of num_steps: 'even' (IDDPM's), 'leading' (DDIM's), 'trailing' (T-1 first)
   sample.step_size = config_dict.placeholder(int)  # when set, used instead of num_steps (the seed's knob)
   sample.eta = 0.0
   sample.ddim_scale = config_dict.placeholder(float)
@@ -74,8 +75,9 @@ def get_config():
 
   # --mode sweep: every sampler × steps × guidance × (η, then ddim_scale) cell, as comma lists (config.sweep_grid).
   config.sweep = sweep = ml_collections.ConfigDict()
-  sweep.sampler = 'ddim'  # 'ddim', 'ddpm' or both
+  sweep.sampler = 'ddim'  # any of 'ddim', 'ddpm', 'dpm++2m'
   sweep.num_steps = '5,10,20,50,100,250,1000'
+  sweep.spacing = 'trailing'  # the grids of num_steps, any of 'even', 'leading', 'trailing'
   sweep.step_size = ''  # the seed's strides, e.g. '10,20': cells besides those of num_steps
   sweep.eta = '0,0.5,1'
   sweep.ddim_scale = ''  # the seed's s, e.g. '0,0.5,1': cells besides those of eta (DDIM only)

@@ -11,7 +11,8 @@ import ml_collections
 
 from ddjax.config import load_config_module
 
-DIFFUSION_ONLY = {'sample': ('sampler', 'num_steps', 'step_size', 'eta', 'ddim_scale', 'guidance', 'clip_x0'),
+DIFFUSION_ONLY = {'sample': ('sampler', 'num_steps', 'spacing', 'step_size', 'eta', 'ddim_scale', 'guidance',
+                             'clip_x0'),
                   'train': ('learning_rate', 'warmup_steps', 'weight_decay', 'grad_clip', 'p_uncond')}
 
 

@@ -80,15 +80,16 @@ def validate(config, *, device_count: int | None = None, mode: str = 'train'):
 
 
 # The sweep's grid axes: comma lists in strings (command-line friendly: --config.sweep.eta=0,0.5,1).
-SWEEP_LISTS = 'sweep.sampler sweep.num_steps sweep.step_size sweep.eta sweep.ddim_scale sweep.guidance'
+SWEEP_LISTS = 'sweep.sampler sweep.num_steps sweep.spacing sweep.step_size sweep.eta sweep.ddim_scale sweep.guidance'
 
 
 def sweep_grid(config) -> list[dict]:
-  """The cells of `--mode sweep`, each {'sampler', 'num_steps', 'step_size', 'eta', 'ddim_scale', 'guidance'}:
-  every sampler × step setting × guidance × noise setting. Step settings: each sweep.num_steps N, then each
-  sweep.step_size k (the seed's stride; its cells' num_steps is the number of steps it visits). Noise settings
-  for 'ddim': each sweep.eta η, then each sweep.ddim_scale s (the seed's update, eta None); 'ddpm' has none
-  (eta and ddim_scale None). A bad list is one ConfigError line, before anything is built."""
+  """The cells of `--mode sweep`, each {'sampler', 'num_steps', 'spacing', 'step_size', 'eta', 'ddim_scale',
+  'guidance'}: every sampler × step setting × guidance × noise setting. Step settings: each sweep.num_steps N on
+  each grid of sweep.spacing, then each sweep.step_size k (the seed's stride, spacing None; its cells' num_steps
+  is the number of steps it visits). Noise settings for 'ddim': each sweep.eta η, then each sweep.ddim_scale s
+  (the seed's update, eta None); 'ddpm' and 'dpm++2m' have none (eta and ddim_scale None). A bad list is one
+  ConfigError line, before anything is built."""
   check(config.method == 'diffusion', 'method', config.method,
         "'diffusion' with --mode sweep (a DDGAN samples with its fixed gan.num_timesteps generator calls and has "
         'no eta or guidance to sweep)')
@@ -98,6 +99,9 @@ def sweep_grid(config) -> list[dict]:
   sampler_names = _comma_list(config, 'sampler', str, f'a comma list of {", ".join(samplers.SAMPLERS)}')
   for name in sampler_names:
     check_choice('sweep.sampler', name, samplers.SAMPLERS)
+  spacing_names = _comma_list(config, 'spacing', str, f'a comma list of {", ".join(schedules.SPACINGS)}')
+  for name in spacing_names:
+    check_choice('sweep.spacing', name, schedules.SPACINGS)
   num_steps, step_sizes = (_comma_list(config, name, int, f'a comma list of {what} in 1..{T} (diffusion.num_timesteps)',
                                        low=1, high=T) for name, what in (('num_steps', 'step counts'),
                                                                          ('step_size', 'strides')))
@@ -112,15 +116,17 @@ def sweep_grid(config) -> list[dict]:
         '0 for an unconditional model (data.num_classes=0)')
   check(not any(guidances) or config.train.p_uncond > 0, 'sweep.guidance', sweep.guidance,
         '0 unless train.p_uncond > 0 (the null class must be trained for classifier-free guidance)')
-  spacings = [(n, None) for n in num_steps] + [
-      (len(schedules.spaced_timesteps(T, step_size=k)), k) for k in step_sizes]
+  check(bool(spacing_names) or not num_steps, 'sweep.spacing', sweep.spacing,
+        'a non-empty comma list of grids for sweep.num_steps')
+  grids = [(n, spacing, None) for spacing in spacing_names for n in num_steps] + [
+      (len(schedules.spaced_timesteps(T, step_size=k)), None, k) for k in step_sizes]
   cells = []
   for sampler in sampler_names:
     noises = [(eta, None) for eta in etas] + [(None, s) for s in scales] if sampler == 'ddim' else [(None, None)]
-    for steps, step_size in spacings:
+    for steps, spacing, step_size in grids:
       for guidance in guidances:
-        cells += [{'sampler': sampler, 'num_steps': steps, 'step_size': step_size, 'eta': eta, 'ddim_scale': scale,
-                   'guidance': guidance} for eta, scale in noises]
+        cells += [{'sampler': sampler, 'num_steps': steps, 'spacing': spacing, 'step_size': step_size, 'eta': eta,
+                   'ddim_scale': scale, 'guidance': guidance} for eta, scale in noises]
   return cells
 
 

@@ -74,33 +74,45 @@ def get_betas(name: str, num_timesteps: int, **kwargs) -> np.ndarray:
 # Respacing
 # ----------------------------------------------------------------------------------------------------------------
 
-def spaced_timesteps(num_timesteps: int, *, num_steps: int | None = None,
-                     step_size: int | None = None) -> np.ndarray:
-  """The kept 0-indexed original timesteps, ascending.
+SPACINGS = ('even', 'leading', 'trailing')
+DEFAULT_SPACING = 'trailing'  # chosen by measurement: docs/performance.md, sampler × spacing × NFE
 
-  num_steps=N, N divides T: 0, s, 2s, …, (N−1)·s with s = T / N (IDDPM "ddimN", diffusers "leading").
-  num_steps=N otherwise: round(i·(T−1)/(N−1)), i < N (IDDPM's plain-N even spacing; the stride is accumulated
-             in float and rounded half-to-even as IDDPM does, so the grids match its own exactly), so the chain
-             still starts at T−1: a strided grid of T // N would stop early and then start a
-             chain at a noise level (ᾱ far above ᾱ_T) that pure noise does not match.
+
+def spaced_timesteps(num_timesteps: int, *, num_steps: int | None = None, step_size: int | None = None,
+                     spacing: str = DEFAULT_SPACING) -> np.ndarray:
+  """The kept 0-indexed original timesteps k_0 < … < k_{N−1}, ascending (the chain visits them descending).
+
+  num_steps=N picks a grid by `spacing`:
+    'even':     k_i = round(i·(T−1)/(N−1)), the stride accumulated in float and rounded half-to-even, i.e.
+                IDDPM's space_timesteps(T, "N") bit for bit: 0 … T−1 for every N (N = 1: k_0 = 0). The grid of
+                the published IDDPM / ADM figures (`--timestep_respacing 250`).
+    'leading':  k_i = i·⌊T/N⌋ (the DDIM paper's, diffusers' 'leading'): 0 … (N−1)·⌊T/N⌋, so a short chain starts
+                well below T−1, from pure noise at a noise level (ᾱ far above ᾱ_T) that is not pure noise.
+    'trailing': k_i = round(T − (N−1−i)·T/N) − 1 (diffusers' 'trailing', its float arithmetic kept so the grids
+                are its own): T−1 … round(T/N)−1, so every chain starts at T−1. Where diffusers' arange emits an
+                N+1-th step (−1, an index past the schedule), only the first N are kept.
   step_size=k: 0, k, 2k, … below T (the seed's step_size). Neither: all T steps.
   """
   if num_steps is not None and step_size is not None:
     fail('num_steps/step_size', (num_steps, step_size), 'at most one of them set')
-  if num_steps is not None:
-    check(1 <= num_steps <= num_timesteps, 'num_steps', num_steps, f'an integer in [1, {num_timesteps}] (T)')
-    if num_timesteps % num_steps == 0:
-      return np.arange(num_steps, dtype=np.int64) * (num_timesteps // num_steps)
-    stride = (num_timesteps - 1) / (num_steps - 1)  # N >= 2 here: N = 1 divides every T
-    position, kept = 0.0, []
-    for _ in range(num_steps):
-      kept.append(round(position))
-      position += stride
-    return np.array(kept, dtype=np.int64)
   if step_size is not None:
     check(1 <= step_size <= num_timesteps, 'step_size', step_size, f'an integer in [1, {num_timesteps}] (T)')
     return np.arange(0, num_timesteps, step_size, dtype=np.int64)
-  return np.arange(num_timesteps, dtype=np.int64)
+  if num_steps is None:
+    return np.arange(num_timesteps, dtype=np.int64)
+  check_choice('spacing', spacing, SPACINGS)
+  check(1 <= num_steps <= num_timesteps, 'num_steps', num_steps, f'an integer in [1, {num_timesteps}] (T)')
+  if spacing == 'leading':
+    return np.arange(num_steps, dtype=np.int64) * (num_timesteps // num_steps)
+  if spacing == 'trailing':
+    descending = np.round(np.arange(num_timesteps, 0, -num_timesteps / num_steps))[:num_steps].astype(np.int64) - 1
+    return descending[::-1].copy()
+  stride = (num_timesteps - 1) / (num_steps - 1) if num_steps > 1 else 1.0
+  position, kept = 0.0, []
+  for _ in range(num_steps):
+    kept.append(round(position))
+    position += stride
+  return np.array(kept, dtype=np.int64)
 
 
 def respace_betas(betas: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
@@ -172,8 +184,8 @@ def make_schedule(betas: np.ndarray, timesteps: np.ndarray | None = None) -> Sch
                   **{k: jnp.asarray(v.astype(np.float32)) for k, v in arrays.items()})
 
 
-def spaced_schedule(betas: np.ndarray, *, num_steps: int | None = None,
-                    step_size: int | None = None) -> Schedule:
+def spaced_schedule(betas: np.ndarray, *, num_steps: int | None = None, step_size: int | None = None,
+                    spacing: str = DEFAULT_SPACING) -> Schedule:
   """The respaced schedule over `spaced_timesteps` (all steps when neither is set)."""
-  timesteps = spaced_timesteps(len(betas), num_steps=num_steps, step_size=step_size)
+  timesteps = spaced_timesteps(len(betas), num_steps=num_steps, step_size=step_size, spacing=spacing)
   return make_schedule(respace_betas(betas, timesteps), timesteps)

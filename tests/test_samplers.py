@@ -5,6 +5,8 @@ sampler here is then a linear-Gaussian recursion whose output moments are comput
 sampler's empirical mean/std must match (a) those exact moments of the discretised sampler within Monte-Carlo
 error, and (b) the data's μ and s within the sampler's known discretisation error.
 """
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,6 +42,8 @@ def exact_moments(kept, rule, mu=MU):
   """
   ab = ALPHA_BAR[kept]
   ab_prev = np.append(1.0, ab[:-1])
+  if rule[0] == 'dpm++2m':
+    return dpm_solver_moments(ab, mu)
   c_mean, c_var = -np.sqrt(ab[-1]) * mu, 1.0
   for i in range(len(kept) - 1, -1, -1):
     a, a_prev = ab[i], ab_prev[i]
@@ -57,15 +61,43 @@ def exact_moments(kept, rule, mu=MU):
   return mu + c_mean, np.sqrt(c_var)
 
 
+def dpm_solver_moments(ab, mu):
+  """DPM-Solver++(2M) (Lu et al. 2022, alg. 2) on the exact x̂0 = μ + √ᾱ s² (x − √ᾱ μ)/D, D = ᾱs² + 1 − ᾱ, written
+  with λ = log(√ᾱ/√(1−ᾱ)): x' = (σ'/σ)·x − α'(e^{−h} − 1)·(x̂0 + (x̂0 − x̂0_last)·h/(2h_last)), h = λ' − λ, first order
+  at the first step and at the last, which returns x̂0. Deterministic and affine in x_T: x = p·x_T + q."""
+  p, q = 1.0, 0.0
+  last_x0, last_h = None, None
+  for i in range(len(ab) - 1, -1, -1):
+    a = ab[i]
+    gain = np.sqrt(a) * S * S / (a * S * S + 1 - a)
+    x0 = (gain * p, mu + gain * (q - np.sqrt(a) * mu))
+    if i == 0:
+      return x0[1], abs(x0[0])
+    a_prev = ab[i - 1]
+    h = 0.5 * np.log(a_prev / (1 - a_prev)) - 0.5 * np.log(a / (1 - a))
+    d = x0 if last_x0 is None else tuple(x + (x - y) * h / (2 * last_h) for x, y in zip(x0, last_x0))
+    ratio, weight = np.sqrt((1 - a_prev) / (1 - a)), -np.sqrt(a_prev) * np.expm1(-h)
+    p, q = ratio * p + weight * d[0], ratio * q + weight * d[1]
+    last_x0, last_h = x0, h
+
+
+DEFAULT_50 = schedules.spaced_timesteps(T, num_steps=50)
 CASES = [  # (name, sample kwargs, exact rule, kept steps, tolerance of the exact moments vs (μ, s))
     ('ddpm T=1000', dict(sampler='ddpm'), ('ddpm',), np.arange(T), 0.01),
-    ('ddim eta=0 50 steps', dict(sampler='ddim', num_steps=50), ('eta', 0.0), np.arange(0, T, 20), 0.05),
-    ('ddim eta=1 50 steps', dict(sampler='ddim', num_steps=50, eta=1.0), ('eta', 1.0), np.arange(0, T, 20), 0.08),
+    ('ddim eta=0 50 steps', dict(sampler='ddim', num_steps=50), ('eta', 0.0), DEFAULT_50, 0.05),
+    ('ddim eta=1 50 steps', dict(sampler='ddim', num_steps=50, eta=1.0), ('eta', 1.0), DEFAULT_50, 0.08),
     ('ddim_scale 0 step_size 10', dict(sampler='ddim', step_size=10, ddim_scale=0.0), ('scale', 0.0),
      np.arange(0, T, 10), 0.03),
     ('ddim_scale 1 step_size 10', dict(sampler='ddim', step_size=10, ddim_scale=1.0), ('scale', 1.0),
      np.arange(0, T, 10), 0.05),
-    ('ddpm respaced 50', dict(sampler='ddpm', num_steps=50), ('ddpm',), np.arange(0, T, 20), 0.08),
+    ('ddpm respaced 50 leading', dict(sampler='ddpm', num_steps=50, spacing='leading'), ('ddpm',),
+     np.arange(0, T, 20), 0.08),
+    # Second order: on the default grid 20 steps land closer to (μ, s) than DDIM's 50; on IDDPM's even grid the
+    # step out of t = T−1 (λ far below the rest) overshoots the spread at few steps.
+    ('dpm++2m 20 steps', dict(sampler='dpm++2m', num_steps=20), ('dpm++2m',),
+     schedules.spaced_timesteps(T, num_steps=20), 0.005),
+    ('dpm++2m 10 steps even', dict(sampler='dpm++2m', num_steps=10, spacing='even'), ('dpm++2m',),
+     schedules.spaced_timesteps(T, num_steps=10, spacing='even'), 0.3),
 ]
 
 
@@ -91,8 +123,10 @@ def test_ddim_eta1_equals_ddpm_posterior_variance():
   # On the same strided grid, DDIM η=1 and respaced DDPM have the same exact moments (DDIM paper, §4.1).
   kept = np.arange(0, T, 20)
   np.testing.assert_allclose(exact_moments(kept, ('eta', 1.0)), exact_moments(kept, ('ddpm',)), rtol=1e-9)
-  a = samplers.sample(MODELS['eps'], BETAS, shape=SHAPE, rng=jax.random.key(3), num_steps=50, eta=1.0)
-  b = samplers.sample(MODELS['eps'], BETAS, shape=SHAPE, rng=jax.random.key(3), num_steps=50, sampler='ddpm')
+  a = samplers.sample(MODELS['eps'], BETAS, shape=SHAPE, rng=jax.random.key(3), num_steps=50, eta=1.0,
+                      spacing='leading')
+  b = samplers.sample(MODELS['eps'], BETAS, shape=SHAPE, rng=jax.random.key(3), num_steps=50, sampler='ddpm',
+                      spacing='leading')
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4)  # same noise, same update
 
 
@@ -119,7 +153,7 @@ def test_guidance_zero_is_conditional_sampling():
   plain = samplers.sample(CLASS_MODEL, BETAS, shape=SHAPE, rng=jax.random.key(2), num_steps=50, labels=labels,
                           num_classes=10)
   x = np.asarray(plain)
-  exact_mean, _ = exact_moments(np.arange(0, T, 20), ('eta', 0.0), mu=0.7)
+  exact_mean, _ = exact_moments(DEFAULT_50, ('eta', 0.0), mu=0.7)
   assert abs(x.mean() - exact_mean) < 0.02
 
 
@@ -130,7 +164,7 @@ def test_guidance_extrapolates_class_mean():
   x = np.asarray(samplers.sample(CLASS_MODEL, BETAS, shape=SHAPE, rng=jax.random.key(4), num_steps=50,
                                  guidance=w, labels=labels, num_classes=10))
   target = c / 10 + w * (c / 10 - 0.5)
-  exact_mean, exact_std = exact_moments(np.arange(0, T, 20), ('eta', 0.0), mu=target)
+  exact_mean, exact_std = exact_moments(DEFAULT_50, ('eta', 0.0), mu=target)
   assert abs(x.mean() - exact_mean) < 4.5 * exact_std / np.sqrt(x.size)
   assert abs(exact_mean - target) < 0.05 * S
 
@@ -146,6 +180,22 @@ def test_guidance_is_one_batched_forward():
   samplers.sample(counting, BETAS, shape=(4, 2, 2, 1), rng=jax.random.key(0), num_steps=5, guidance=1.0,
                   labels=labels, num_classes=10)
   assert calls == [8]  # traced once, with cond and null stacked
+
+
+@pytest.mark.parametrize('sampler', samplers.SAMPLERS)
+def test_one_network_evaluation_per_step(sampler):
+  # N steps are N network evaluations at run time (a callback counts them), for every sampler and grid size.
+  evaluations = []
+
+  def counting(x_t, t, labels):
+    jax.debug.callback(lambda: evaluations.append(1))
+    return MODELS['eps'](x_t, t, labels)
+
+  for num_steps in (1, 7):
+    evaluations.clear()
+    jax.block_until_ready(samplers.sample(counting, BETAS, shape=(2, 2, 2, 1), rng=jax.random.key(0),
+                                          sampler=sampler, num_steps=num_steps))
+    assert len(evaluations) == num_steps
 
 
 def test_random_labels_never_null():
@@ -232,6 +282,8 @@ def test_ddgan_posterior_sampler_with_exact_x0():
 
 @pytest.mark.parametrize('kwargs, key', [
     (dict(sampler='euler'), 'sampler'),
+    (dict(num_steps=10, spacing='linspace'), 'spacing'),
+    (dict(x_T=jnp.zeros((4, 2, 2, 2))), 'x_T'),
     (dict(prediction='score'), 'prediction'),
     (dict(variance='learned'), 'variance'),
     (dict(num_steps=1001), 'num_steps'),
@@ -271,3 +323,49 @@ def test_deterministic_ddim_draws_no_noise_and_matches_the_noisy_program_at_zero
   traced = jax.jit(lambda eta: samplers.sample(MODELS['eps'], BETAS, shape=(8, 2, 2, 1), rng=jax.random.key(0),
                                                num_steps=20, eta=eta))(jnp.float32(0.0))
   np.testing.assert_allclose(deterministic, traced, rtol=1e-6, atol=1e-6)
+
+
+# -- DPM-Solver++(2M) against diffusers (tests/fixtures/make_sampler_fixtures.py wrote the reference). ------------
+
+REFERENCE = np.load(pathlib.Path(__file__).parent / 'fixtures' / 'sampler_reference.npz')
+REF_ALPHA_BAR = jnp.asarray(np.cumprod(1 - REFERENCE['betas']), jnp.float32)
+
+
+def reference_network(prediction):
+  """The fixture's closed-form network: eps = √(1−ᾱ)(x − √ᾱ μ_c)/(ᾱ s² + 1 − ᾱ) + 0.05 sin(2x + t/100),
+  μ_c = c/10, μ_∅ = 0.5, s = 0.5; v = √ᾱ eps − √(1−ᾱ) x̂0."""
+  def model_fn(x_t, t, labels):
+    a = REF_ALPHA_BAR[t].reshape(-1, 1, 1, 1)
+    tt = t.astype(jnp.float32).reshape(-1, 1, 1, 1)
+    mu = jnp.where(labels == 10, 0.5, labels / 10.0).reshape(-1, 1, 1, 1)
+    eps = jnp.sqrt(1 - a) * (x_t - jnp.sqrt(a) * mu) / (a * S * S + 1 - a) + 0.05 * jnp.sin(2 * x_t + tt / 100)
+    if prediction == 'eps':
+      return eps
+    x0 = (x_t - jnp.sqrt(1 - a) * eps) / jnp.sqrt(a)
+    return jnp.sqrt(a) * eps - jnp.sqrt(1 - a) * x0
+  return model_fn
+
+
+REFERENCE_NETWORKS = {p: reference_network(p) for p in ('eps', 'v')}
+DPM_CASES = sorted(name.removeprefix('dpm_').removesuffix('_x0') for name in REFERENCE.files
+                   if name.startswith('dpm_') and name.endswith('_x0'))
+
+
+@pytest.mark.parametrize('case', DPM_CASES)
+def test_dpm_solver_equals_diffusers(case):
+  # diffusers' DPMSolverMultistepScheduler(dpmsolver++, order 2, lower_order_final, final sigma 0) ran the same
+  # network in float64 on the same grid from the same x_T; ddjax's float32 loop must land within 1e-4.
+  prediction, *rest = case.split('_')
+  guidance = 2.0 if 'guided' in rest and prediction == 'eps' else 1.5 if 'guided' in rest else 0.0
+  spacing, num_steps = rest[-2], int(rest[-1])
+  timesteps = REFERENCE[f'dpm_{case}_timesteps']
+  betas = REFERENCE['betas']
+  np.testing.assert_array_equal(schedules.spaced_timesteps(len(betas), num_steps=num_steps, spacing=spacing)[::-1],
+                                timesteps)
+  x_T = jnp.asarray(REFERENCE['x_T'], jnp.float32)
+  got = samplers.sample(REFERENCE_NETWORKS[prediction], betas, shape=x_T.shape, rng=jax.random.key(0),
+                        sampler='dpm++2m', num_steps=num_steps, spacing=spacing, prediction=prediction,
+                        guidance=guidance, labels=jnp.asarray(REFERENCE['labels'], jnp.int32), num_classes=10,
+                        x_T=x_T)
+  expected = REFERENCE[f'dpm_{case}_x0']
+  np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4 * np.abs(expected).max())

@@ -1,5 +1,7 @@
 """Schedules against their closed forms (IDDPM, DDGAN) and respacing against IDDPM's SpacedDiffusion."""
+import hashlib
 import math
+import pathlib
 
 import numpy as np
 import pytest
@@ -52,41 +54,63 @@ def test_ddgan_vp_cifar_values():
   assert 0.9 < betas[-1] < 1
 
 
-def iddpm_space_timesteps(num_timesteps, count):
-  """improved_diffusion/respace.py space_timesteps(T, [count]) (one section), restated."""
-  frac_stride = 1 if count <= 1 else (num_timesteps - 1) / (count - 1)
-  cur_idx, taken = 0.0, []
-  for _ in range(count):
-    taken.append(round(cur_idx))
-    cur_idx += frac_stride
-  return sorted(set(taken))
+REFERENCE = np.load(pathlib.Path(__file__).parent / 'fixtures' / 'sampler_reference.npz')
 
 
-def test_num_steps_not_dividing_T_is_iddpm_even_spacing_ending_at_T_minus_1():
-  for T in (50, 1000, 4000):
-    for N in range(2, T + 1):
-      if T % N:
-        got = schedules.spaced_timesteps(T, num_steps=N)
-        assert list(got) == iddpm_space_timesteps(T, N), (T, N)
-        assert got[-1] == T - 1 and len(got) == N
-  # The issue's case: N = 600 of T = 1000 used to stop at t = 599 (ᾱ = 0.34) and start from pure noise there.
-  betas = schedules.get_betas('cosine', 1000)
-  spaced = schedules.spaced_schedule(betas, num_steps=600)
-  assert int(spaced.timesteps[-1]) == 999
-  assert float(spaced.alphas_cumprod[-1]) == pytest.approx(np.cumprod(1 - betas)[-1], rel=1e-5)
-  assert float(spaced.alphas_cumprod[-1]) < 1e-6
+def digest(grid) -> np.uint64:
+  """tests/fixtures/make_sampler_fixtures.py's digest of a grid (descending int64)."""
+  return np.frombuffer(hashlib.sha256(np.asarray(grid, np.int64).tobytes()).digest()[:8], np.uint64)[0]
+
+
+@pytest.mark.parametrize('spacing', schedules.SPACINGS)
+@pytest.mark.parametrize('T', [1000, 4000])
+def test_spacing_equals_the_reference_grids(spacing, T):
+  # 'even': improved-diffusion's space_timesteps(T, "N"); 'leading' / 'trailing': diffusers' DDIMScheduler; for
+  # every N in 2..T (the fixture holds a digest of each reference grid).
+  expected = REFERENCE[f'{spacing}_{T}']
+  for N in range(2, T + 1):
+    grid = schedules.spaced_timesteps(T, num_steps=N, spacing=spacing)
+    assert len(grid) == N and np.all(np.diff(grid) > 0), (N, grid)
+    assert digest(grid[::-1]) == expected[N - 2], (spacing, T, N)
+    assert grid[-1] == {'even': T - 1, 'leading': (N - 1) * (T // N), 'trailing': T - 1}[spacing]
+    assert grid[0] == {'even': 0, 'leading': 0, 'trailing': round(T / N) - 1}[spacing]
+
+
+def test_trailing_keeps_n_steps_where_diffusers_emits_one_more():
+  # diffusers' float arange over T/N yields an N+1-th timestep, −1 (past the schedule), for some N; ddjax keeps N.
+  for T in (1000, 4000):
+    extra = REFERENCE[f'trailing_{T}_extra']
+    assert len(extra) > 0 and np.all(REFERENCE[f'trailing_{T}_extra_value'] == -1)
+    assert len(REFERENCE[f'leading_{T}_extra']) == 0
+    for N in extra:
+      assert len(schedules.spaced_timesteps(T, num_steps=int(N), spacing='trailing')) == N
+
+
+def test_the_default_grid_starts_from_pure_noise():
+  # A short chain on a grid that starts below T−1 starts from N(0, I) at a noise level that is not pure noise:
+  # √ᾱ = 0.154 at t = 900 (leading, 10 steps of the cosine schedule); 'even' and 'trailing' start at T−1.
+  alpha_bar = np.cumprod(1 - schedules.get_betas('cosine', 1000))
+  starts = {s: schedules.spaced_timesteps(1000, num_steps=10, spacing=s)[-1] for s in schedules.SPACINGS}
+  assert starts == {'even': 999, 'leading': 900, 'trailing': 999}
+  assert np.sqrt(alpha_bar[900]) == pytest.approx(0.154, abs=1e-3)
+  assert schedules.spaced_timesteps(1000, num_steps=10)[-1] == 999
+  spaced = schedules.spaced_schedule(schedules.get_betas('cosine', 1000), num_steps=600, spacing='even')
+  assert int(spaced.timesteps[-1]) == 999 and float(spaced.alphas_cumprod[-1]) < 1e-6
 
 
 def test_spaced_timesteps():
-  np.testing.assert_array_equal(schedules.spaced_timesteps(1000, num_steps=50), np.arange(0, 1000, 20))
+  np.testing.assert_array_equal(schedules.spaced_timesteps(1000, num_steps=50, spacing='leading'),
+                                np.arange(0, 1000, 20))
+  np.testing.assert_array_equal(schedules.spaced_timesteps(1000, num_steps=4, spacing='trailing'), [249, 499, 749, 999])
+  np.testing.assert_array_equal(schedules.spaced_timesteps(1000, num_steps=3, spacing='even'), [0, 500, 999])
+  np.testing.assert_array_equal(schedules.spaced_timesteps(1000, num_steps=1, spacing='even'), [0])
   np.testing.assert_array_equal(schedules.spaced_timesteps(1000, step_size=10), np.arange(0, 1000, 10))
-  np.testing.assert_array_equal(schedules.spaced_timesteps(1000, num_steps=3), [0, 500, 999])
   np.testing.assert_array_equal(schedules.spaced_timesteps(7), np.arange(7))
 
 
 def test_respacing_keeps_alpha_bar_and_maps_back():
   betas = schedules.get_betas('cosine', 1000)
-  spaced = schedules.spaced_schedule(betas, num_steps=50)
+  spaced = schedules.spaced_schedule(betas, num_steps=50, spacing='leading')
   kept = np.arange(0, 1000, 20)
   np.testing.assert_array_equal(np.asarray(spaced.timesteps), kept)
   np.testing.assert_allclose(np.asarray(spaced.alphas_cumprod), np.cumprod(1 - betas)[kept], rtol=1e-6)
@@ -118,6 +142,7 @@ def test_schedule_derived_arrays():
     (lambda: schedules.get_betas('linear', 10), 'num_timesteps'),
     (lambda: schedules.get_betas('geometric', 4, beta_min=0.1, beta_max=20.0), 'geometric'),
     (lambda: schedules.spaced_timesteps(1000, num_steps=1001), 'num_steps'),
+    (lambda: schedules.spaced_timesteps(1000, num_steps=10, spacing='linspace'), 'spacing'),
     (lambda: schedules.spaced_timesteps(1000, step_size=0), 'step_size'),
     (lambda: schedules.spaced_timesteps(1000, num_steps=10, step_size=10), 'num_steps/step_size'),
 ])

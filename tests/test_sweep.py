@@ -16,8 +16,8 @@ from tests.test_config import with_settings
 from tests.tiny import REPO, run_main, tiny_config, tiny_ddgan_config
 
 # Two η × two guidance weights at one step count: four cells, one compiled program.
-GRID = {'sweep.sampler': 'ddim', 'sweep.num_steps': '3', 'sweep.step_size': '', 'sweep.eta': '0,1',
-        'sweep.ddim_scale': '', 'sweep.guidance': '1,2', 'sweep.num_samples': 16}
+GRID = {'sweep.sampler': 'ddim', 'sweep.num_steps': '3', 'sweep.spacing': 'trailing', 'sweep.step_size': '',
+        'sweep.eta': '0,1', 'sweep.ddim_scale': '', 'sweep.guidance': '1,2', 'sweep.num_samples': 16}
 
 
 @pytest.fixture(scope='module')
@@ -73,7 +73,8 @@ def test_sweep_writes_every_cell_with_one_program_and_resumes(trained, data_dir,
   config = sweep_config(data_dir, cache_dir)
   records = sweep.sweep(config, trained)
   directory = os.path.join(trained, 'sweep')
-  names = ['ddim_n3_w1_eta0', 'ddim_n3_w1_eta1', 'ddim_n3_w2_eta0', 'ddim_n3_w2_eta1']
+  names = ['ddim_n3_trailing_w1_eta0', 'ddim_n3_trailing_w1_eta1', 'ddim_n3_trailing_w2_eta0',
+           'ddim_n3_trailing_w2_eta1']
   assert [record['samples'] for record in records] == [f'{name}.npz' for name in names]
   # Cells that differ only in η and guidance: one program, compiled once (they are its arguments).
   [program] = recorded['programs']
@@ -83,7 +84,8 @@ def test_sweep_writes_every_cell_with_one_program_and_resumes(trained, data_dir,
   assert lines == records
   for record, (eta, guidance) in zip(lines, [(0, 1), (1, 1), (0, 2), (1, 2)]):
     assert {key: record[key] for key in sweep.SETTINGS} == {
-        'sampler': 'ddim', 'num_steps': 3, 'step_size': None, 'eta': eta, 'ddim_scale': None, 'guidance': guidance}
+        'sampler': 'ddim', 'num_steps': 3, 'spacing': 'trailing', 'step_size': None, 'eta': eta, 'ddim_scale': None,
+        'guidance': guidance}
     for metric in ('fd', 'fd_floor', 'precision', 'recall', 'memorisation', 'agreement', 'classifier_accuracy'):
       assert np.isfinite(record[metric]), metric
     assert record['step'] == 4 and record['num_samples'] == 16
@@ -104,10 +106,10 @@ def test_sweep_writes_every_cell_with_one_program_and_resumes(trained, data_dir,
   recorded['drawn'].clear()
   assert sweep.sweep(config, trained) == records and recorded['drawn'] == []
   redrawn = saved[3]['arr_0']
-  os.remove(os.path.join(directory, 'ddim_n3_w2_eta1.npz'))
+  os.remove(os.path.join(directory, 'ddim_n3_trailing_w2_eta1.npz'))
   again = sweep.sweep(config, trained)
   assert len(recorded['drawn']) == 1 and recorded['drawn'][0]['eta'] == 1 and recorded['drawn'][0]['guidance'] == 2
-  np.testing.assert_array_equal(np.load(os.path.join(directory, 'ddim_n3_w2_eta1.npz'))['arr_0'], redrawn)
+  np.testing.assert_array_equal(np.load(os.path.join(directory, 'ddim_n3_trailing_w2_eta1.npz'))['arr_0'], redrawn)
   assert again[3]['fd'] == pytest.approx(records[3]['fd'])
   # Other labels asked for are other samples: nothing of the first sweep is reused.
   recorded['drawn'].clear()
@@ -124,6 +126,8 @@ BAD_GRIDS = [
     ({'sweep.eta': 'zero'}, 'sweep.eta'),
     ({'sweep.num_steps': '5.5'}, 'sweep.num_steps'),
     ({'sweep.sampler': 'ddim,euler'}, 'sweep.sampler'),
+    ({'sweep.spacing': 'trailing,linspace'}, 'sweep.spacing'),
+    ({'sweep.spacing': ''}, 'sweep.spacing'),
     ({'sweep.num_steps': '', 'sweep.step_size': ''}, 'sweep.num_steps'),
     ({'sweep.eta': '', 'sweep.ddim_scale': ''}, 'sweep.eta'),
     ({'sweep.guidance': ''}, 'sweep.guidance'),
@@ -142,6 +146,19 @@ def test_bad_grid_is_one_line_before_anything_is_built(settings, key, trained, m
     sweep.sweep(config, trained)
   message = str(error.value)
   assert message.startswith(f'{key}=') and ' is invalid; allowed: ' in message and '\n' not in message, message
+
+
+def test_grid_of_samplers_and_spacings():
+  # Each step count on each grid; DPM-Solver++ and DDPM have no η; the seed's strides have no grid.
+  config = with_settings({**GRID, 'sweep.sampler': 'ddim,dpm++2m', 'sweep.num_steps': '5,10',
+                          'sweep.spacing': 'even,trailing', 'sweep.step_size': '10', 'sweep.guidance': '1'})
+  cells = config_lib.sweep_grid(config)
+  assert [(c['sampler'], c['num_steps'], c['spacing'], c['eta']) for c in cells if c['sampler'] == 'dpm++2m'] == [
+      ('dpm++2m', 5, 'even', None), ('dpm++2m', 10, 'even', None), ('dpm++2m', 5, 'trailing', None),
+      ('dpm++2m', 10, 'trailing', None), ('dpm++2m', 5, None, None)]
+  assert len([c for c in cells if c['sampler'] == 'ddim']) == 5 * 2  # × η 0, 1
+  assert sweep.cell_name(cells[-1]) == 'dpm++2m_k10_w1' and sweep.cell_label(cells[-1]) == 'dpm++2m stride w=1'
+  assert sweep.cell_name(cells[0]) == 'ddim_n5_even_w1_eta0' and sweep.cell_label(cells[0]) == 'ddim even η=0 w=1'
 
 
 def test_ddgan_is_refused():
@@ -173,7 +190,8 @@ def test_study_trains_and_sweeps_three_predictions_and_writes_its_table(tmp_path
   def fake_sweep(config, workdir):
     swept.append(workdir)
     quality = {'eps': 20.0, 'v': 15.0, 'x0': 30.0}[config.diffusion.prediction]
-    return [{'sampler': 'ddim', 'num_steps': steps, 'step_size': None, 'eta': eta, 'ddim_scale': None,
+    return [{'sampler': 'ddim', 'num_steps': steps, 'spacing': 'trailing', 'step_size': None, 'eta': eta,
+             'ddim_scale': None,
              'guidance': 1.0, 'fd': quality / steps + eta, 'fd_floor': 1.0, 'precision': 0.9, 'recall': 0.5,
              'agreement': 0.99, 'samples': 'x.npz'} for steps in (5, 10) for eta in (0.0, 1.0)]
 
@@ -188,5 +206,5 @@ def test_study_trains_and_sweeps_three_predictions_and_writes_its_table(tmp_path
     rows = list(csv.DictReader(f))
   assert [row['prediction'] for row in rows] == ['eps'] * 4 + ['v'] * 4 + ['x0'] * 4
   table = (tmp_path / 'study.md').read_text()
-  assert '| v | ddim η=0 w=1 | 3.000 | 1.500 |' in table, table
+  assert '| v | ddim trailing η=0 w=1 | 3.000 | 1.500 |' in table, table
   assert (tmp_path / 'study.png').read_bytes()[:4] == b'\x89PNG'

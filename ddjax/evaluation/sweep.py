@@ -3,14 +3,17 @@ sampled with the same seeds and labels and scored with `--mode eval`'s metrics (
 score_samples: FID/IS where the Inception weights are, the offline metrics otherwise or as well). Written to
 `<workdir>/sweep/`:
 
-  results.jsonl  one JSON object per cell: its settings (sampler, num_steps, step_size, eta, ddim_scale, guidance),
+  results.jsonl  one JSON object per cell: its settings (sampler, num_steps, spacing, step_size, eta, ddim_scale,
+                 guidance),
                  every metric by name, `samples` (its npz, relative to sweep/), `step` (the checkpoint),
                  `num_samples`, `key` (a hash of every other setting its samples depend on) and `seconds`
   results.csv    this run's cells, one row each
-  plot.png       each metric against the number of steps (log axis), one line per sampler, η or s, and guidance
+  plot.png       each metric against the network evaluations per sample (NFE, log axis; every sampler evaluates
+                 the network once per step, a guided step as one batch of twice the size), one line per sampler,
+                 grid, η or s, and guidance
   <cell>.npz     the cell's samples in the ADM format (arr_0 uint8 NHWC, arr_1 the requested labels)
 
-One compiled sampling program per (sampler, steps, guided or not, η or the seed's s): η, s and the guidance weight
+One compiled sampling program per (sampler, steps, grid, guided or not, η or the seed's s): η, s and the guidance weight
 are arguments of the program (the sampler's `values`), so cells that differ only in them reuse it. Resumable: a
 cell whose results line (same checkpoint, count and key) and npz are both there is not drawn again.
 """
@@ -28,7 +31,7 @@ from ddjax import config as config_lib, data, generate, image_files, methods, pa
 from ddjax.evaluation import evaluate
 
 RESULTS_FILE = 'results.jsonl'
-SETTINGS = ('sampler', 'num_steps', 'step_size', 'eta', 'ddim_scale', 'guidance')
+SETTINGS = ('sampler', 'num_steps', 'spacing', 'step_size', 'eta', 'ddim_scale', 'guidance')
 PLOTTED = ('fid', 'is', 'fd', 'precision', 'recall', 'agreement')  # the metrics plotted, when the records have them
 SHOWN = ('fid', 'is', 'fd', 'fd_floor', 'precision', 'recall', 'agreement')  # on the console, per cell
 
@@ -55,7 +58,7 @@ def sweep(config, workdir: str) -> list[dict]:
       records.append(finished[name])
       progress.skip(f'{name}  (found in {RESULTS_FILE})')
       continue
-    program = (cell['sampler'], cell['num_steps'], cell['step_size'], cell['guidance'] > 0,
+    program = (cell['sampler'], cell['num_steps'], cell['spacing'], cell['step_size'], cell['guidance'] > 0,
                cell['ddim_scale'] is not None)
     if program not in programs:
       programs[program] = generate.make_generate_fn(methods.build(cell_config(config, cell)).sample_fn, mesh)
@@ -86,18 +89,20 @@ def sweep(config, workdir: str) -> list[dict]:
 # -- Cells. ------------------------------------------------------------------------------------------------------
 
 def cell_name(cell: dict) -> str:
-  """e.g. 'ddim_n10_w1_eta0.5', 'ddim_k10_w1_s0.5' (the seed's stride 10, ddim_scale 0.5), 'ddpm_n50_w0'."""
-  steps = f'k{cell["step_size"]}' if cell['step_size'] else f'n{cell["num_steps"]}'
+  """e.g. 'ddim_n10_trailing_w1_eta0.5', 'ddim_k10_w1_s0.5' (the seed's stride 10, ddim_scale 0.5),
+  'dpm++2m_n10_even_w0'."""
+  steps = f'k{cell["step_size"]}' if cell['step_size'] else f'n{cell["num_steps"]}_{cell["spacing"]}'
   noise = (f'_eta{cell["eta"]:g}' if cell['eta'] is not None
            else f'_s{cell["ddim_scale"]:g}' if cell['ddim_scale'] is not None else '')
   return f'{cell["sampler"]}_{steps}_w{cell["guidance"]:g}{noise}'
 
 
 def cell_label(cell: dict) -> str:
-  """The cell's line in a plot (everything but its steps): e.g. 'ddim η=0 w=1', 'ddim stride s=0.5 w=1'."""
+  """The cell's line in a plot (everything but its steps): e.g. 'ddim trailing η=0 w=1', 'ddim stride s=0.5 w=1'."""
   noise = (f' η={cell["eta"]:g}' if cell['eta'] is not None
            else f' s={cell["ddim_scale"]:g}' if cell['ddim_scale'] is not None else '')
-  return f'{cell["sampler"]}{" stride" if cell["step_size"] else ""}{noise} w={cell["guidance"]:g}'
+  grid = 'stride' if cell['step_size'] else cell['spacing']
+  return f'{cell["sampler"]} {grid}{noise} w={cell["guidance"]:g}'
 
 
 def cell_config(config, cell: dict):
@@ -106,7 +111,7 @@ def cell_config(config, cell: dict):
   sample_config = config.sample
   sample_config.sampler, sample_config.step_size = cell['sampler'], cell['step_size']
   if cell['step_size'] is None:
-    sample_config.num_steps = cell['num_steps']
+    sample_config.num_steps, sample_config.spacing = cell['num_steps'], cell['spacing']
   sample_config.eta = cell['eta'] or 0.0
   sample_config.ddim_scale, sample_config.guidance = cell['ddim_scale'], cell['guidance']
   return config
@@ -192,8 +197,9 @@ def write_csv(path: str, records: list[dict]) -> None:
 
 
 def plot(path: str, records: list[dict], *, line_of, title: str) -> None:
-  """One panel per metric of PLOTTED the records have, against num_steps on a log axis, one line per
-  line_of(record); the FD panel also shows the floor (what as many real images score) dashed."""
+  """One panel per metric of PLOTTED the records have, against num_steps (= NFE: one network evaluation per step
+  for every sampler) on a log axis, one line per line_of(record); the FD panel also shows the floor (what as many
+  real images score) dashed."""
   metrics = [metric for metric in PLOTTED if any(metric in record for record in records)]
   lines = {}
   for record in records:
@@ -206,7 +212,7 @@ def plot(path: str, records: list[dict], *, line_of, title: str) -> None:
     if metric == 'fd':
       axes.axhline(np.mean([r['fd_floor'] for r in records]), color='grey', linestyle='--', label='floor (real)')
     steps = sorted({record['num_steps'] for record in records})
-    axes.set(xscale='log', xlabel='sampling steps', title=metric)
+    axes.set(xscale='log', xlabel='network evaluations (NFE)', title=metric)
     axes.set_xticks(steps, [str(n) for n in steps], minor=False)
     axes.minorticks_off()
     axes.grid(alpha=0.3)

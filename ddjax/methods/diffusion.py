@@ -18,7 +18,7 @@ TYPES = {
     'a float': ((int, float), 'diffusion.hybrid_lambda train.learning_rate train.weight_decay train.grad_clip '
                 'train.p_uncond sample.eta sample.guidance'),
     'a string': ((str,), 'diffusion.schedule diffusion.prediction diffusion.variance diffusion.loss '
-                 'sample.sampler'),
+                 'sample.sampler sample.spacing'),
     'True or False': ((bool,), 'sample.clip_x0'),
     'None or an int': ((int, type(None)), 'sample.num_steps sample.step_size'),
     'None or a float': ((int, float, type(None)), 'sample.ddim_scale'),
@@ -56,6 +56,7 @@ def validate(config, device_count: int):
   check(0 <= train.p_uncond < 1, 'train.p_uncond', train.p_uncond, 'in [0, 1)')
 
   check_choice('sample.sampler', sample.sampler, samplers.SAMPLERS)
+  check_choice('sample.spacing', sample.spacing, schedules.SPACINGS)
   T = diff.num_timesteps
   check(sample.num_steps is None or 1 <= sample.num_steps <= T, 'sample.num_steps', sample.num_steps,
         f'None or 1..{T} (diffusion.num_timesteps)')
@@ -205,7 +206,8 @@ def make_sample_fn(config, model, betas):
                 'guidance': sample_config.guidance, **values}
     return samplers.sample(
         model_fn, betas, shape=(labels.shape[0],) + shape_hw, rng=keys, params=params,
-        sampler=sample_config.sampler, num_steps=num_steps, step_size=sample_config.step_size, **settings,
+        sampler=sample_config.sampler, num_steps=num_steps, step_size=sample_config.step_size,
+        spacing=sample_config.spacing, **settings,
         labels=labels if num_classes else None, num_classes=num_classes, prediction=diffusion_config.prediction,
         variance=diffusion_config.variance, clip_x0=sample_config.clip_x0)
 
@@ -216,7 +218,8 @@ def sampling_timesteps(config):
   """The respaced timesteps the sampler visits (sample.step_size, when set, wins over sample.num_steps)."""
   sample = config.sample
   num_steps = None if sample.step_size is not None else sample.num_steps
-  return schedules.spaced_timesteps(config.diffusion.num_timesteps, num_steps=num_steps, step_size=sample.step_size)
+  return schedules.spaced_timesteps(config.diffusion.num_timesteps, num_steps=num_steps, step_size=sample.step_size,
+                                    spacing=sample.spacing)
 
 
 def network_at_random_steps(config, model, params, x_t, labels, rng):
@@ -234,7 +237,8 @@ def network_at_random_steps(config, model, params, x_t, labels, rng):
 def describe_sampler(config) -> str:
   sample = config.sample
   steps = (f'step size {sample.step_size}' if sample.step_size is not None
-           else f'{sample.num_steps or config.diffusion.num_timesteps} steps')
+           else f'{sample.num_steps} steps ({sample.spacing})' if sample.num_steps
+           else f'{config.diffusion.num_timesteps} steps')
   return f'{sample.sampler}, {steps}' + (f', guidance {sample.guidance}' if sample.guidance else '')
 
 

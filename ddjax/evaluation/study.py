@@ -1,15 +1,15 @@
-"""The seeds' study: which prediction type, how many steps, which η and guidance give the best samples.
+"""The seeds' study: which prediction type, sampler, grid and number of network evaluations give the best samples.
 
   python -m ddjax.study --config configs/digits.py --workdir W [--config.<key>=<value> ...]
 
 trains the same network with ε-, v- and x0-prediction (the same seed, data order and number of steps; each in
 W/<prediction>/ by the normal train loop, so a rerun resumes), sweeps each final checkpoint (`--mode sweep`, the
-sweep.* grid) and writes one table, W/study.csv (every cell and metric) and W/study.md (a table per metric: a row
-per prediction and sampler setting, a column per step count), and one figure, W/study.png (each metric against
-the steps, a line per prediction and setting).
+sweep.* grid: by default DDIM and DPM-Solver++(2M) on the three grids of sample.spacing) and writes one table,
+W/study.csv (every cell and metric) and W/study.md (a table per metric: a row per prediction and sampler setting,
+a column per number of network evaluations), and one figure, W/study.png (each metric against the network
+evaluations, a line per prediction and setting).
 
-STUDY_DEFAULTS replace the config's values unless given on the command line: they size the digits study to finish
-within 30 minutes on a 2-core CPU.
+STUDY_DEFAULTS replace the config's values unless given on the command line.
 """
 import copy
 import os
@@ -23,7 +23,8 @@ from ddjax.evaluation import sweep
 PREDICTIONS = ('eps', 'v', 'x0')
 STUDY_DEFAULTS = {
     'train.num_steps': 1000, 'train.sample_every': 0,  # 0: a grid at the end only
-    'sweep.num_steps': '5,10,20,50', 'sweep.eta': '0,1', 'sweep.num_samples': 500, 'sample.batch_size': 500,
+    'sweep.sampler': 'ddim,dpm++2m', 'sweep.spacing': 'even,leading,trailing', 'sweep.num_steps': '5,10,20,50',
+    'sweep.eta': '0', 'sweep.num_samples': 500, 'sample.batch_size': 500,
     'eval.metrics': 'offline',  # the feature classifier's metrics (FID of 8×8 digits upscaled to 299 px means little)
 }
 TABLE_METRICS = ('fid', 'fd', 'precision', 'recall', 'agreement')
@@ -55,7 +56,7 @@ def study(config, workdir: str) -> list[dict]:
 
 def markdown_tables(records: list[dict]) -> str:
   """A markdown table per metric of TABLE_METRICS the records have: a row per prediction and sampler setting
-  (sweep.cell_label), a column per step count; the FD's heading gives its floor."""
+  (sweep.cell_label), a column per number of network evaluations; the FD's heading gives its floor."""
   steps = sorted({record['num_steps'] for record in records})
   rows = {}
   for record in records:
@@ -63,7 +64,7 @@ def markdown_tables(records: list[dict]) -> str:
   tables = []
   for metric in (m for m in TABLE_METRICS if any(m in record for record in records)):
     floor = f' (floor {records[0]["fd_floor"]:.3f})' if metric == 'fd' else ''
-    lines = [f'{metric}{floor}', '', '| prediction | sampler | ' + ' | '.join(f'{n} steps' for n in steps) + ' |',
+    lines = [f'{metric}{floor}', '', '| prediction | sampler | ' + ' | '.join(f'{n} NFE' for n in steps) + ' |',
              '|---|---|' + '---|' * len(steps)]
     for (prediction, label), cells in rows.items():
       values = [f'{cells[n][metric]:.3f}' if n in cells and metric in cells[n] else '' for n in steps]

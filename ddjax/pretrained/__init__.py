@@ -14,11 +14,9 @@ A family of checkpoints is a converter, an object with
 - `ignored(key) -> bool`: file keys the network has no use for (buffers such as a fixed embedding table);
 - `hint(shapes, config) -> str | None`: from the file's {key: shape}, the config keys whose values differ from
   what the file was trained with, e.g. "the file has 3 res blocks per level; model.num_res_blocks=2".
-The modules of FAMILIES hold them in their tuple CONVERTERS. Nothing is converted before the whole file is found
+The family modules hold them in their tuple CONVERTERS, tried in the order of `CONVERTERS` here. Nothing is converted before the whole file is found
 to fit: every parameter's key present with the right shape after its transform, and no other key but ignored ones.
 """
-import importlib
-import importlib.util
 import os
 import re
 
@@ -31,9 +29,10 @@ import safetensors.numpy
 
 from ddjax import checkpoint, config as config_lib, methods, reporting, workdir as workdir_lib
 from ddjax.evaluation import torch_pickle
+from ddjax.pretrained import adm, ncsnpp
 from ddjax.workdir import WorkdirError
 
-FAMILIES = ('adm', 'ncsnpp')  # ddjax.pretrained.<module>, whose CONVERTERS are tried in this order
+CONVERTERS = adm.CONVERTERS + ncsnpp.CONVERTERS
 WRAPPER_KEYS = ('state_dict', 'model', 'netG_dict')  # where training checkpoints keep the network's state_dict
 DDP_PREFIX = 'module.'
 SHOWN = 3  # keys named per kind of mismatch; the rest are counted
@@ -41,15 +40,6 @@ SHOWN = 3  # keys named per kind of mismatch; the rest are counted
 
 class PretrainedError(Exception):
   """A weights file that cannot be read or does not fit the config; `str()` is one line for the user."""
-
-
-def converters() -> tuple:
-  """Every family's converters, in FAMILIES order."""
-  found = []
-  for name in FAMILIES:
-    if importlib.util.find_spec(f'ddjax.pretrained.{name}') is not None:
-      found += importlib.import_module(f'ddjax.pretrained.{name}').CONVERTERS
-  return tuple(found)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -122,10 +112,10 @@ def _load(path: str, config):
 
 def _converter_for(path: str, state: dict, config):
   keys = set(state)
-  for converter in converters():
+  for converter in CONVERTERS:
     if converter.accepts(keys, config):
       return converter
-  known = '; '.join(converter.name for converter in converters())
+  known = '; '.join(converter.name for converter in CONVERTERS)
   raise PretrainedError(f'{path} is no checkpoint family ddjax knows with model.name={config.model.name!r} '
                         f'(known: {known}); its first keys: {_listed(state, 5)}')
 

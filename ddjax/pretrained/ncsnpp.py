@@ -26,9 +26,9 @@ def _conv(array):
   return np.transpose(array, (2, 3, 1, 0))
 
 
-def _dense(torch_name: str, flax_path: tuple = (), transform=_linear) -> dict:
-  return {(*flax_path, 'kernel'): (f'{torch_name}.weight', transform), (*flax_path, 'bias'): (f'{torch_name}.bias',
-                                                                                               _same)}
+def _dense(name: str, flax_path: tuple = (), transform=_linear) -> dict:
+  """A layer's kernel and bias from the reference's `<name>.weight` and `<name>.bias`."""
+  return {(*flax_path, 'kernel'): (f'{name}.weight', transform), (*flax_path, 'bias'): (f'{name}.bias', _same)}
 
 
 # ddjax layer kind -> {its param path: (the rest of the reference's key after the layer's, transform)}.

@@ -18,7 +18,7 @@ def get_config():
   config.data.update(dataset='celeb_a_hq/256', image_size=256, num_channels=3, num_classes=0, batch_size=32,
                      random_flip=True, shuffle_buffer=10_000)
   config.gan.update(num_timesteps=2, nz=100, z_emb_dim=256, n_mlp=3, discriminator='large', d_ch=64,
-                    r1_gamma=2.0, lazy_reg=10, lr_g=2e-4, lr_d=1e-4, lr_decay_steps=750_000)
+                    t_emb_dim=256, r1_gamma=2.0, lazy_reg=10, lr_g=2e-4, lr_d=1e-4, lr_decay_steps=750_000)
   config.model.update(ch=64, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0)
   config.train.update(num_steps=750_000, ema_decay=0.9999, log_every=500, checkpoint_every=10_000,
                       sample_every=25_000)

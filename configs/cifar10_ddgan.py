@@ -14,7 +14,7 @@ def get_config():
   config.data.update(dataset='cifar10', image_size=32, num_channels=3, num_classes=0, batch_size=256,
                      random_flip=True, shuffle_buffer=50_000)
   config.gan.update(num_timesteps=4, nz=100, z_emb_dim=256, n_mlp=4, discriminator='small', d_ch=64,
-                    r1_gamma=0.02, lazy_reg=15, lr_g=1.6e-4, lr_d=1.25e-4, lr_decay_steps=351_562)
+                    t_emb_dim=256, r1_gamma=0.02, lazy_reg=15, lr_g=1.6e-4, lr_d=1.25e-4, lr_decay_steps=351_562)
   config.model.update(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0)
   config.train.update(num_steps=351_562, ema_decay=0.9999, log_every=500, checkpoint_every=10_000,
                       sample_every=25_000)

@@ -35,6 +35,7 @@ def get_config():
   gan.n_mlp = 2
   gan.discriminator = 'small'
   gan.d_ch = 8  # the discriminator's ngf
+  gan.t_emb_dim = 256  # the width of the discriminator's time embedding
   # R1 at 50x and lr_d at 25x the paper's CIFAR-10 values keep this small D's logits apart: docs/ddgan.md.
   gan.r1_gamma = 1.0
   gan.lazy_reg = 15

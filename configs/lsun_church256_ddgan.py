@@ -16,7 +16,7 @@ def get_config():
   config.data.update(dataset='lsun/church_outdoor', image_size=256, num_channels=3, num_classes=0, batch_size=64,
                      random_flip=True, shuffle_buffer=10_000)
   config.gan.update(num_timesteps=4, nz=100, z_emb_dim=256, n_mlp=3, discriminator='large', d_ch=64,
-                    r1_gamma=1.0, lazy_reg=10, lr_g=1.6e-4, lr_d=1e-4, lr_decay_steps=986_000)
+                    t_emb_dim=256, r1_gamma=1.0, lazy_reg=10, lr_g=1.6e-4, lr_d=1e-4, lr_decay_steps=986_000)
   config.model.update(ch=64, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0)
   config.train.update(num_steps=986_000, ema_decay=0.999, log_every=500, checkpoint_every=10_000,
                       sample_every=25_000)

@@ -14,7 +14,9 @@ import pytest
 
 from ddjax import checkpoint, config as config_lib, data, generate, samplers, schedules, train
 from ddjax import workdir as workdir_lib
+from ddjax.config import load_config_module
 from ddjax.methods import ddgan
+from ddjax.models import create_discriminator, create_model
 from ddjax.validation import ConfigError
 from ddjax.workdir import WorkdirError
 from tests.tiny import REPO, logged, main_args, restore_state, run_processes, tiny_ddgan_config, xla_flags
@@ -112,6 +114,43 @@ def test_sampler_makes_exactly_T_generator_calls():
                             nz=4)
   jax.block_until_ready(x)
   assert calls == [3, 2, 1, 0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The networks a config builds
+# ----------------------------------------------------------------------------------------------------------------
+
+def network_counts(config):
+  """(generator, discriminator) parameter counts of `config`'s networks, from shapes alone (nothing runs)."""
+  size, channels = config.data.image_size, config.data.num_channels
+  x, t = jax.ShapeDtypeStruct((4, size, size, channels), jnp.float32), jax.ShapeDtypeStruct((4,), jnp.int32)
+  z = jax.ShapeDtypeStruct((4, config.gan.nz), jnp.float32)
+  generator, discriminator = create_model(config), create_discriminator(config)
+  g = jax.eval_shape(lambda k, x, t, z: generator.init(k, x, t, z, None, train=False), jax.random.key(0), x, t, z)
+  d = jax.eval_shape(lambda k, x, t: discriminator.init(k, x, t, x, None, train=False), jax.random.key(0), x, t)
+  return tuple(sum(leaf.size for leaf in jax.tree.leaves(tree)) for tree in (g, d))
+
+
+# The reference's counts (tests/test_ncsnpp.py says how they were taken): the paper configs must build exactly
+# the networks whose NVlabs checkpoints ddjax.pretrained imports.
+@pytest.mark.parametrize('name, generator_count, discriminator_count', [
+    ('cifar10_ddgan.py', 48_432_515, 12_741_633),
+    ('celebahq256_ddgan.py', 39_726_979, 27_737_217),
+    ('lsun_church256_ddgan.py', 39_726_979, 27_737_217),
+])
+def test_paper_configs_build_the_reference_networks(name, generator_count, discriminator_count):
+  config = load_config_module(os.path.join(REPO, 'configs', name)).get_config()
+  assert config.gan.t_emb_dim == 256
+  assert network_counts(config) == (generator_count, discriminator_count)
+
+
+def test_t_emb_dim_sets_the_discriminator_time_embedding():
+  """D's time MLP is two dense layers t_emb_dim -> t_emb_dim, and each of its four blocks projects the embedding
+  to its width (2, 4, 8, 8 x ngf = 16, 32, 64, 64 at d_ch 8): 2·(d² + d) + 176·d parameters depend on d."""
+  counts = {dim: network_counts(tiny_ddgan_config(None, **{'gan.t_emb_dim': dim})) for dim in (256, 32)}
+  assert counts[256][0] == counts[32][0]
+  depends = lambda d: 2 * (d * d + d) + 176 * d
+  assert counts[256][1] - counts[32][1] == depends(256) - depends(32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,6 +294,8 @@ def test_two_processes_train_as_one_device_does(data_dir, tmp_path):
     ({'gan.lazy_reg': 0}, 'gan.lazy_reg'),
     ({'gan.nz': 0}, 'gan.nz'),
     ({'gan.r1_gamma': -0.1}, 'gan.r1_gamma'),
+    ({'gan.t_emb_dim': 2}, 'gan.t_emb_dim'),
+    ({'gan.t_emb_dim': 63}, 'gan.t_emb_dim'),
     ({'model.ch_mult': (1, 2, 2, 2, 2)}, 'data.image_size'),  # 8 px cannot halve four times
     ({'gan.discriminator': 'large'}, 'gan.discriminator'),  # the large one halves 8 px six times
     ({'gan.discriminator': 'huge'}, 'gan.discriminator'),

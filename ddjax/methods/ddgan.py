@@ -26,7 +26,8 @@ LR_FLOOR = 1e-5  # DDGAN's cosine decay ends at eta_min = 1e-5
 
 # {what the message says is allowed: (Python types, keys)} of this method's keys (validation.check_types).
 TYPES = {
-    'an int': ((int,), 'gan.num_timesteps gan.nz gan.z_emb_dim gan.n_mlp gan.lazy_reg gan.d_ch gan.lr_decay_steps '
+    'an int': ((int,), 'gan.num_timesteps gan.nz gan.z_emb_dim gan.n_mlp gan.lazy_reg gan.d_ch gan.t_emb_dim '
+               'gan.lr_decay_steps '
                'model.ch model.num_res_blocks'),
     'a float': ((int, float), 'gan.beta_min gan.beta_max gan.r1_gamma gan.lr_g gan.lr_d gan.beta1 gan.beta2'),
     'a string': ((str,), 'gan.discriminator'),
@@ -49,6 +50,8 @@ def validate(config, device_count: int):
         f'1..{MAX_TIMESTEPS} (a DDGAN chain has a few steps: 2 to 4 in the paper)')
   for key in ('nz', 'z_emb_dim', 'n_mlp', 'd_ch'):
     check(gan[key] >= 1, f'gan.{key}', gan[key], '>= 1')
+  check(gan.t_emb_dim >= 4 and gan.t_emb_dim % 2 == 0, 'gan.t_emb_dim', gan.t_emb_dim,
+        'an even int >= 4 (the sinusoidal embedding of t is half sines, half cosines)')
   check(gan.lazy_reg >= 1, 'gan.lazy_reg', gan.lazy_reg, '>= 1 (the R1 penalty every lazy_reg steps; 1 = always)')
   check(gan.r1_gamma >= 0, 'gan.r1_gamma', gan.r1_gamma, '>= 0 (0 = no R1 penalty)')
   check(gan.lr_decay_steps >= 0, 'gan.lr_decay_steps', gan.lr_decay_steps, '>= 0 (0 = constant rates)')

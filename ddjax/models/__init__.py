@@ -186,5 +186,6 @@ def create_discriminator(config) -> nn.Module:
   """DDGAN's time-conditioned discriminator `gan.discriminator` ('small' up to 64 px, 'large' for 256 px)."""
   validate_model(config)
   gan = config.gan
-  return discriminator.VARIANTS[gan.discriminator](ngf=gan.d_ch, num_classes=config.data.num_classes,
+  return discriminator.VARIANTS[gan.discriminator](ngf=gan.d_ch, t_emb_dim=gan.t_emb_dim,
+                                                   num_classes=config.data.num_classes,
                                                    dtype=PRECISIONS[config.parallel.precision])

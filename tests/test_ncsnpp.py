@@ -167,13 +167,53 @@ def test_res_block_is_its_composition():
 
 
 def test_fits():
-  assert discriminator.check_fits('small', 8) is None and discriminator.check_fits('small', 64) is None
-  assert 'multiple of 8' in discriminator.check_fits('small', 4)
-  assert discriminator.check_fits('large', 256) is None
-  assert 'multiple of 64' in discriminator.check_fits('large', 32)
+  assert all(discriminator.check_fits(variant, size) is None
+             for variant in ('small', 'large') for size in (4, 8, 12, 256))
   assert 'small, large' in discriminator.check_fits('medium', 32)
   assert ncsnpp.num_resolutions_ok(8, (1, 2, 2, 2)) and ncsnpp.num_resolutions_ok(256, G256['ch_mult'])
   assert not ncsnpp.num_resolutions_ok(12, (1, 2, 2, 2)) and not ncsnpp.num_resolutions_ok(16, G256['ch_mult'])
+
+
+@pytest.mark.parametrize('variant, size, halves, last', [
+    ('small', 8, (False, True, False, False), 4),  # the reference: 8 -> 1
+    ('small', 16, (False, True, True, False), 4),
+    ('small', 32, (False, True, True, True), 4),  # the reference's layout from 32 px on
+    ('small', 64, (False, True, True, True), 8),
+    ('small', 12, (False, True, False, False), 6),  # 6 is even, but its half is below 4
+    ('small', 4, (False, False, False, False), 4),
+    ('large', 256, (True,) * 6, 4),  # the reference's
+    ('large', 128, (True,) * 5 + (False,), 4),
+    ('large', 64, (True,) * 4 + (False,) * 2, 4),
+    ('large', 8, (True,) + (False,) * 5, 4),
+])
+def test_layout_halves_down_to_4x4(variant, size, halves, last):
+  layout = discriminator.VARIANTS[variant].layout
+  assert discriminator.halvings(layout, size) == halves
+  assert discriminator.final_size(variant, size) == last
+  # min_final_size=1 is the reference's rule, which halves whatever it is given.
+  reference = tuple(h for _, h in layout)
+  assert discriminator.halvings(layout, 256, min_final_size=1) == reference
+  assert discriminator.final_size('small', 8, min_final_size=1) == 1
+
+
+def test_layout_keeps_the_parameters_and_shrinks_the_last_map():
+  """Every image size builds the same parameter tree (the rule only decides where halving stops); the map the
+  minibatch stddev sees at 8 px is 4x4 where the reference's is 1x1."""
+  trees = {size: jax.tree.map(lambda leaf: leaf.shape, discriminator_shapes(
+      discriminator.SmallDiscriminator(ngf=8, t_emb_dim=16), size, 1)[0]) for size in (8, 32)}
+  assert trees[8] == trees[32]
+  seen = []  # shapes of init's and apply's calls
+  original = discriminator.minibatch_stddev
+
+  def spy(x):
+    seen.append(x.shape[1:3])
+    return original(x)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(discriminator, 'minibatch_stddev', spy)
+    discriminator_shapes(discriminator.SmallDiscriminator(ngf=8, t_emb_dim=16), 8, 1)
+    discriminator_shapes(discriminator.SmallDiscriminator(ngf=8, t_emb_dim=16, min_final_size=1), 8, 1)
+  assert seen == [(4, 4)] * 2 + [(1, 1)] * 2
 
 
 # ---- FIR resampling ----

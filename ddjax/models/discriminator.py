@@ -1,11 +1,18 @@
 """DDGAN's time-conditioned discriminators D(x_{t-1}, t, x_t) -> logit (NVlabs/denoising-diffusion-gan), NHWC.
 
 Both variants: a positional embedding of t through a 2-layer MLP, a 1x1 conv on concat(x_{t-1}, x_t), a stack
-of down-sampling conv blocks that each add the time embedding, the minibatch-stddev feature, a 3x3 conv,
-LeakyReLU(0.2), a sum over positions and a dense layer to one logit.
+of conv blocks that each add the time embedding, the minibatch-stddev feature, a 3x3 conv, LeakyReLU(0.2), a sum
+over positions and a dense layer to one logit.
 
-'small' (Discriminator_small, CIFAR-10 / StackMNIST) halves the resolution 3 times: 32 -> 4, 64 -> 8 and
-8 -> 1, so the 8x8 digits need no change of layout. 'large' (Discriminator_large, 256 px) halves it 6 times.
+'small' (Discriminator_small, CIFAR-10 / StackMNIST) has 4 blocks, the last 3 of which halve the map in the
+reference; 'large' (Discriminator_large, 256 px) has 6, all halving. The reference halves whatever it is given,
+which is right at the sizes it was built for (32 -> 4 and 256 -> 4) and degenerate below them: at 8 px the small
+one ends on a 1x1 map, where the last FIR halving keeps 9/64 of each value and the rest is zero padding, the 3x3
+convs and the minibatch stddev see one position, and D learns to separate even constant grey from digits
+hundreds of steps late (docs/ddgan.md). So the layout is chosen by the image size (`halvings`): a block halves
+when the reference's block does, the map is even and its half is still at least `min_final_size` (4) wide. At
+32 px and above both variants are the reference's layout exactly (the last map is 4x4 at 32 and 256 px, 8x8 at
+64), and every size has the same blocks and so the same parameters: only where the map stops halving changes.
 """
 import math
 from typing import Any, ClassVar
@@ -17,6 +24,7 @@ from ddjax.models.conv import Conv
 from ddjax.models.ncsnpp import dense_init, fir_downsample, positional_embedding
 
 STDDEV_GROUP = 4
+MIN_FINAL_SIZE = 4  # the smallest map a block halves down to (docs/ddgan.md: measured against 2 and 1)
 
 
 def leaky_relu(x):
@@ -75,13 +83,15 @@ class _Discriminator(nn.Module):
   Class conditioning (num_classes > 0, not in the paper) is the projection discriminator's (Miyato & Koyama
   2018): logit += <Embed(label), pooled features>. `train` changes nothing (no dropout, no batch
   statistics); it is there so that G and D are called alike. Defaults are the paper's: ngf 64 and t_emb_dim
-  256 (train_ddgan.py passes --t_emb_dim, default 256, to both variants).
+  256 (train_ddgan.py passes --t_emb_dim, default 256, to both variants). `min_final_size` is the rule's
+  floor (`halvings`); 1 gives the reference's layout at every size.
   """
   ngf: int = 64
   t_emb_dim: int = 256
   num_classes: int = 0
+  min_final_size: int = MIN_FINAL_SIZE
   dtype: Any = jnp.float32
-  # (channel multiple of ngf, halves the resolution) per DownBlock; the final conv's init scale.
+  # (channel multiple of ngf, halves the map in the reference) per DownBlock; the final conv's init scale.
   layout: ClassVar[tuple[tuple[int, bool], ...]]
   final_init_scale: ClassVar[float]
 
@@ -96,7 +106,8 @@ class _Discriminator(nn.Module):
 
     h = jnp.concatenate([x_prev, x_t], axis=-1).astype(self.dtype)
     h = Conv(2 * self.ngf, (1, 1), kernel_init=dense_init(), dtype=self.dtype)(h)
-    for mult, downsample in self.layout:
+    downsamples = halvings(self.layout, h.shape[1], min_final_size=self.min_final_size)
+    for (mult, _), downsample in zip(self.layout, downsamples):
       h = DownBlock(mult * self.ngf, downsample, self.dtype)(h, t_emb)
 
     h = minibatch_stddev(h)
@@ -110,13 +121,13 @@ class _Discriminator(nn.Module):
 
 
 class SmallDiscriminator(_Discriminator):
-  """Discriminator_small (≤ 64 px): widths 2, 2, 4, 8, 8 × ngf, halving in the last three blocks."""
+  """Discriminator_small (≤ 64 px): widths 2, 2, 4, 8, 8 × ngf; the last three blocks halve (`halvings`)."""
   layout = ((2, False), (4, True), (8, True), (8, True))
   final_init_scale = 0.0
 
 
 class LargeDiscriminator(_Discriminator):
-  """Discriminator_large (256 px): widths 2, 4, 8, 8, 8, 8, 8 × ngf, halving in all six blocks."""
+  """Discriminator_large (256 px): widths 2, 4, 8, 8, 8, 8, 8 × ngf; all six blocks halve (`halvings`)."""
   layout = ((4, True), (8, True), (8, True), (8, True), (8, True), (8, True))
   final_init_scale = 1.0
 
@@ -124,18 +135,26 @@ class LargeDiscriminator(_Discriminator):
 VARIANTS = {'small': SmallDiscriminator, 'large': LargeDiscriminator}
 
 
-def num_halvings(variant: str) -> int:
-  return sum(downsample for _, downsample in VARIANTS[variant].layout)
+def halvings(layout, image_size: int, *, min_final_size: int = MIN_FINAL_SIZE) -> tuple[bool, ...]:
+  """Which blocks of `layout` halve a square map of image_size: block i halves when the reference's block i
+  does, the map is even and its half is ≥ min_final_size. Small: 8 px -> 4 (one halving), 16 -> 4, 32 -> 4
+  (the reference's three), 64 -> 8; large: 256 -> 4 (the reference's six), 64 -> 4, 8 -> 4."""
+  size, out = image_size, []
+  for _, reference_halves in layout:
+    halves = reference_halves and size % 2 == 0 and size // 2 >= min_final_size
+    size = size // 2 if halves else size
+    out.append(halves)
+  return tuple(out)
+
+
+def final_size(variant: str, image_size: int, *, min_final_size: int = MIN_FINAL_SIZE) -> int:
+  """The side of the last feature map (the one the minibatch stddev and the final conv see)."""
+  return image_size // 2 ** sum(halvings(VARIANTS[variant].layout, image_size, min_final_size=min_final_size))
 
 
 def check_fits(variant: str, image_size: int) -> str | None:
-  """None when `variant` takes images of image_size, else what is allowed.
-
-  Every halving must be exact (a multiple of 2**halvings), which also keeps the last map at least 1x1.
-  """
+  """None when `variant` is a discriminator, else what is allowed: any image size fits, as `halvings` stops
+  halving where the map would be odd or below MIN_FINAL_SIZE."""
   if variant not in VARIANTS:
     return f'one of {", ".join(VARIANTS)}'
-  factor = 2 ** num_halvings(variant)
-  if image_size >= factor and image_size % factor == 0:
-    return None
-  return f'an image size that is a multiple of {factor} for the {variant!r} discriminator'
+  return None

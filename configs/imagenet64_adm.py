@@ -18,7 +18,8 @@ from ddjax.config import load_config_module
 def get_config():
   config = load_config_module(pathlib.Path(__file__).with_name('_adm.py')).get_config(
       ch=192, ch_mult=(1, 2, 3, 4), num_res_blocks=3, attn_resolutions=(32, 16, 8), num_head_channels=64,
-      scale_shift_norm=True, resblock_updown=True, attention_order='new', dropout=0.1)
+      scale_shift_norm=True, resblock_updown=True, attention_order='new', dropout=0.1,
+      remat=True)  # 256 images per device (2048 over 8) fit an 80 GB GPU only with remat (docs/performance.md)
   config.data.update(dataset='imagenet_resized/64x64', image_size=64, num_channels=3, num_classes=1000,
                      batch_size=2048, random_flip=True, shuffle_buffer=50_000)
   config.diffusion.update(num_timesteps=1000, schedule='cosine', prediction='eps', variance='learned_range',

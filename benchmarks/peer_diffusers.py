@@ -4,15 +4,12 @@
   python benchmarks/peer_diffusers.py [--rounds 3] [--what train|sample|both] [--ch 64] [--train_batch 32]
       [--sample_batch 8]
 
-The pair, both class-conditional (10 classes) at 32×32×3, eps-prediction, linear β over T = 1000, no attention,
-widths ch·(1, 2, 2, 2) over 32, 16, 8, 4 px (DDPM's ch_mult; its CIFAR-10 network has ch 128):
-- ddjax: configs/cifar10_ddpm.py with blocks 'res,res,res' (3 res blocks per level down and up, and 3 in the
-  middle), t_dim 4·ch, c_dim 2·ch, dropout 0: 8.82M parameters at ch 64, 35.2M at ch 128.
-- diffusers: UNet2DModel with the same widths, layers_per_block 2 (2 res blocks down, 3 up per level, the up
-  ones fed by a skip each), a 2-res-block middle without attention, class embedding: 8.56M parameters at ch 64
-  (−3%), 34.2M at ch 128. It does ~24% more FLOPs per forward (2.86 vs 2.30 GFLOP per image at ch 64): its up
-  blocks convolve the skip concat.
-The seed U-Net's attention runs at every level (no 16×16-only attention), so neither side has any.
+The pair is one network, DDPM's CIFAR-10 U-Net at width ch (the paper's is 128), class-conditional (10 classes)
+at 32×32×3, eps-prediction, linear β over T = 1000, dropout 0:
+- ddjax: configs/cifar10_ddpm.py (the ADM U-Net with model.layout='ddpm');
+- diffusers: UNet2DModel with google/ddpm-cifar10-32's settings and a class embedding.
+Both have the same parameters, in number and in function (tests/test_adm.py checks the forward pass of a
+diffusers DDPM file imported into ddjax against diffusers').
 Train step: eps MSE, AdamW, grad-norm clip 1, EMA of the weights (ddjax: inside its compiled step; here a
 torch._foreach_lerp_). Sampling: 50-step deterministic DDIM (leading spacing 980, 960, …, 0, x0 clipped).
 
@@ -33,7 +30,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from side_by_side import ddjax_benchmark, timed
 
 NUM_CLASSES = 10
-DDJAX_FLAGS = ['--config', 'configs/cifar10_ddpm.py', '--config.model.blocks=res,res,res', '--config.model.dropout=0.0',
+DDJAX_FLAGS = ['--config', 'configs/cifar10_ddpm.py', '--config.model.dropout=0.0',
                f'--config.data.num_classes={NUM_CLASSES}', '--config.diffusion.variance=fixed_small',
                '--config.sample.sampler=ddim', '--config.sample.num_steps=50', '--config.sample.clip_x0=True']
 
@@ -44,8 +41,11 @@ def log(message: str) -> None:
 
 def peer_model(ch: int) -> UNet2DModel:
   return UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
-                     block_out_channels=(ch, 2 * ch, 2 * ch, 2 * ch), down_block_types=('DownBlock2D',) * 4,
-                     up_block_types=('UpBlock2D',) * 4, add_attention=False, num_class_embeds=NUM_CLASSES)
+                     block_out_channels=(ch, 2 * ch, 2 * ch, 2 * ch),
+                     down_block_types=('DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D', 'DownBlock2D'),
+                     up_block_types=('UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'), downsample_padding=0,
+                     flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, attention_head_dim=None,
+                     num_class_embeds=NUM_CLASSES)
 
 
 def result(what: str, seconds: float, *, batch: int, model) -> dict:
@@ -130,7 +130,6 @@ def ddjax(what: str, ch: int, batch: int, *, warmup: int, steps: int, profile: i
   batch_key = 'data.batch_size' if what == 'train' else 'sample.batch_size'
   ours = ddjax_benchmark(['--what', what, '--data', 'synthetic', '--steps', str(steps), '--warmup', str(warmup),
                           '--profile', str(profile), *DDJAX_FLAGS, f'--config.model.ch={ch}',
-                          f'--config.model.t_dim={4 * ch}', f'--config.model.c_dim={2 * ch}',
                           f'--config.{batch_key}={batch}'])
   return {**ours, 'parts_ms': ddjax_parts(ours['profile'])} if profile else ours
 

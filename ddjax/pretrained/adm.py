@@ -41,9 +41,13 @@ def _conv1d(array):
 
 
 def _layer(flax_path: tuple, key: str, transform) -> dict:
-  """A layer's two params: (kernel, bias) of a Dense or Conv, (scale, bias) of a GroupNorm (transform _same)."""
-  first = 'scale' if transform is _same else 'kernel'
-  return {(*flax_path, first): (f'{key}.weight', transform), (*flax_path, 'bias'): (f'{key}.bias', _same)}
+  """A Dense or Conv: kernel from `key`.weight through `transform`, bias from `key`.bias."""
+  return {(*flax_path, 'kernel'): (f'{key}.weight', transform), (*flax_path, 'bias'): (f'{key}.bias', _same)}
+
+
+def _norm(flax_path: tuple, key: str) -> dict:
+  """A GroupNorm: scale from `key`.weight, bias from `key`.bias."""
+  return {(*flax_path, 'scale'): (f'{key}.weight', _same), (*flax_path, 'bias'): (f'{key}.bias', _same)}
 
 
 def _has(param_shapes, name: str) -> bool:
@@ -73,18 +77,23 @@ DIFFUSERS_OLD_NAMES = Names(res=DIFFUSERS_RES, attention={'norm': 'group_norm', 
 
 def _res_block(name: str, key: str, param_shapes, names: Names) -> dict:
   """The res block `name`'s params (those the network has: its skip only when the width changes)."""
-  transforms = {'emb': _linear, 'norm_in': _same, 'norm_out': _same}
-  return {path: value for part, file_part in names.res.items() if (name, part, 'bias') in param_shapes
-          for path, value in _layer((name, part), f'{key}.{file_part}', transforms.get(part, _conv)).items()}
+  found = {}
+  for part, file_part in names.res.items():
+    if (name, part, 'bias') in param_shapes:
+      path, file_key = (name, part), f'{key}.{file_part}'
+      found.update(_norm(path, file_key) if part.startswith('norm') else
+                   _layer(path, file_key, _linear if part == 'emb' else _conv))
+  return found
 
 
 def _attention(name: str, key: str, param_shapes, names: Names) -> dict:
   """The attention block `name`'s params in the config's layout: a part the file's family lacks (q of a fused
   qkv, or qkv of separate projections) maps to a key the file does not have, so that the fit check names it."""
-  parts = ('norm', 'qkv', 'q', 'k', 'v', 'proj_out')
-  return {path: value for part in parts if (name, part, 'bias') in param_shapes
-          for path, value in _layer((name, part), f'{key}.{names.attention.get(part, part)}',
-                                    _same if part == 'norm' else names.attention_transform).items()}
+  found = _norm((name, 'norm'), f'{key}.{names.attention["norm"]}')
+  for part in ('qkv', 'q', 'k', 'v', 'proj_out'):
+    if (name, part, 'bias') in param_shapes:
+      found.update(_layer((name, part), f'{key}.{names.attention.get(part, part)}', names.attention_transform))
+  return found
 
 
 def _resampling(name: str, key: str, conv: str, param_shapes, names: Names) -> dict:
@@ -98,7 +107,7 @@ def adm_key_map(config, param_shapes, names: Names = ADM_NAMES) -> dict:
   """{flax path: (improved/guided-diffusion key, transform)}."""
   levels, blocks = len(config.model.ch_mult), config.model.num_res_blocks
   found = {**_layer(('time_embed_0',), 'time_embed.0', _linear), **_layer(('time_embed_1',), 'time_embed.2', _linear),
-           **_layer(('conv_in',), 'input_blocks.0.0', _conv), **_layer(('norm_out',), 'out.0', _same),
+           **_layer(('conv_in',), 'input_blocks.0.0', _conv), **_norm(('norm_out',), 'out.0'),
            **_layer(('conv_out',), 'out.2', _conv)}
   if ('label_emb', 'embedding') in param_shapes:
     found[('label_emb', 'embedding')] = ('label_emb.weight', _same)
@@ -134,7 +143,7 @@ def diffusers_key_map(config, param_shapes, names: Names = DIFFUSERS_NAMES) -> d
   levels, blocks = len(config.model.ch_mult), config.model.num_res_blocks
   found = {**_layer(('time_embed_0',), 'time_embedding.linear_1', _linear),
            **_layer(('time_embed_1',), 'time_embedding.linear_2', _linear), **_layer(('conv_in',), 'conv_in', _conv),
-           **_layer(('norm_out',), 'conv_norm_out', _same), **_layer(('conv_out',), 'conv_out', _conv)}
+           **_norm(('norm_out',), 'conv_norm_out'), **_layer(('conv_out',), 'conv_out', _conv)}
   if ('label_emb', 'embedding') in param_shapes:
     found[('label_emb', 'embedding')] = ('class_embedding.weight', _same)
   for direction, count, prefix in (('down', blocks, 'down_blocks'), ('up', blocks + 1, 'up_blocks')):
@@ -173,7 +182,7 @@ def adm_architecture(shapes: dict) -> dict:
   per_level = len(outputs) // levels
   ch = shapes['time_embed.0.weight'][1]
   level_blocks = lambda level: range((levels - 1 - level) * per_level, (levels - level) * per_level)
-  first_res = 'input_blocks.1.0'
+  emb, out = 'input_blocks.1.0.emb_layers.1.weight', 'input_blocks.1.0.out_layers.3.weight'  # the first res block
   return {
       'layout': 'adm', 'ch': ch, 'num_res_blocks': per_level - 1,
       'ch_mult': tuple(shapes[f'output_blocks.{level_blocks(level)[0]}.0.out_layers.3.weight'][0] // ch
@@ -182,7 +191,7 @@ def adm_architecture(shapes: dict) -> dict:
                            if any(f'output_blocks.{k}.1.qkv.weight' in shapes for k in level_blocks(level))),
       'in_channels': shapes['input_blocks.0.0.weight'][1], 'out_channels': shapes['out.2.weight'][0],
       'label_rows': shapes.get('label_emb.weight', (0,))[0],
-      'scale_shift_norm': shapes[f'{first_res}.emb_layers.1.weight'][0] == 2 * shapes[f'{first_res}.out_layers.3.weight'][0],
+      'scale_shift_norm': shapes[emb][0] == 2 * shapes[out][0],
       'resblock_updown': levels > 1 and not any(key.endswith('.op.weight') for key in shapes),
   }
 
@@ -229,7 +238,8 @@ def differences(found: dict, config) -> str | None:
        'no class embedding', f'data.num_classes={data.num_classes}, train.p_uncond={config.train.p_uncond} '
        f'({label_rows} rows: the classes, and a null class when train.p_uncond > 0)'),
       (found['scale_shift_norm'] == model.scale_shift_norm,
-       f'{"" if found["scale_shift_norm"] else "no "}scale-shift norm', f'model.scale_shift_norm={model.scale_shift_norm}'),
+       f'{"" if found["scale_shift_norm"] else "no "}scale-shift norm',
+       f'model.scale_shift_norm={model.scale_shift_norm}'),
       (found['resblock_updown'] == model.resblock_updown,
        f'{"res blocks" if found["resblock_updown"] else "convolutions"} for resampling',
        f'model.resblock_updown={model.resblock_updown}'),

@@ -1,5 +1,6 @@
 """The ADM U-Net (models/adm.py): the four published configs have the reference code's parameter counts, bad
 settings stop with one line, remat and bfloat16 compute the same network."""
+import json
 import pathlib
 import re
 
@@ -11,6 +12,7 @@ import safetensors.numpy
 
 from ddjax import config as config_lib, models, pretrained
 from ddjax.config import load_config_module
+from ddjax.pretrained import adm as pretrained_adm
 from ddjax.validation import ConfigError
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
@@ -18,6 +20,7 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
 # 22e0df8, diffusers 0.42.1 with google/ddpm-cifar10-32's config), their parameters counted with torch.
 REFERENCE_COUNTS = {'cifar10_ddpm': 35_746_307, 'cifar10_iddpm': 52_546_438, 'imagenet64_iddpm': 121_063_942,
                     'imagenet64_adm': 295_904_454}
+REFERENCE_RES_BLOCKS = {'cifar10_ddpm': 2, 'cifar10_iddpm': 3, 'imagenet64_iddpm': 3, 'imagenet64_adm': 3}
 
 
 def load_config(name):
@@ -218,3 +221,24 @@ def test_a_file_that_does_not_fit_names_the_flag(name, key, value, phrase):
     pretrained.load_params(str(FIXTURES / path), config)
   message = str(error.value)
   assert phrase in message and '\n' not in message, message
+
+
+@pytest.mark.parametrize('name', REFERENCE_COUNTS)
+def test_published_checkpoint_keys_map_onto_its_config(name):
+  """Every key of the released checkpoint's state_dict (its keys and shapes from the reference network built with
+  the published flags) maps onto one parameter of the config's network with that parameter's shape, and its
+  shapes reveal no differing flag; with one flag changed, the hint names it."""
+  shapes = {key: tuple(shape) for key, shape in
+            json.loads((FIXTURES / 'adm_published_shapes.json').read_text())[name].items()}
+  config = load_config(name)
+  converter = next(c for c in pretrained_adm.CONVERTERS if c.accepts(set(shapes), config))
+  param_shapes = pretrained.param_shapes(config)
+  key_map = converter.key_map(config, param_shapes)
+  assert set(key_map) == set(param_shapes)
+  assert sorted(key for key, _ in key_map.values()) == sorted(shapes)
+  for path, (key, transform) in key_map.items():
+    assert transform(np.broadcast_to(np.float32(0), shapes[key])).shape == param_shapes[path], (path, key)
+  assert converter.hint(shapes, config) is None
+  config.model.num_res_blocks = 2 if config.model.num_res_blocks == 3 else 3
+  assert converter.hint(shapes, config).startswith(
+      f'the file has {REFERENCE_RES_BLOCKS[name]} res blocks per level; model.num_res_blocks=')

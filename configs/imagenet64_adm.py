@@ -27,7 +27,7 @@ def get_config():
   config.train.update(num_steps=540_000, learning_rate=3e-4, warmup_steps=0, grad_clip=0.0, ema_decay=0.9999,
                       p_uncond=0.0, log_every=1000, checkpoint_every=10_000, sample_every=25_000)
   config.sample.update(sampler='ddpm', guidance=0.0, num_samples=64, batch_size=64)
-  config.sample.num_steps = 250
+  config.sample.update(num_steps=250, spacing='even')  # guided-diffusion's --timestep_respacing 250
   config.sweep.update(sampler='ddpm,ddim', guidance='0', num_samples=10_000)  # no null class: no guidance
   config.eval.num_samples = 50_000
   return config

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddjax import gaussian_diffusion
-from ddjax.schedules import DEFAULT_SPACING, Schedule, make_schedule, spaced_schedule
+from ddjax.schedules import DEFAULT_SPACING, Schedule, make_schedule, respace_betas, spaced_timesteps
 from ddjax.validation import check, check_choice
 
 SAMPLERS = ('ddpm', 'ddim', 'dpm++2m')
@@ -185,11 +185,11 @@ def sample(model_fn, betas, *, shape, rng, sampler='ddim', num_steps=None, step_
   noise_scale = eta if ddim_scale is None else ddim_scale
   use_noise = sampler == 'ddpm' or (sampler == 'ddim' and (_traced(noise_scale) or noise_scale > 0))
   betas = np.asarray(betas, np.float64)
-  schedule = spaced_schedule(betas, num_steps=num_steps, step_size=step_size, spacing=spacing)
+  timesteps = spaced_timesteps(len(betas), num_steps=num_steps, step_size=step_size, spacing=spacing)
+  schedule = make_schedule(respace_betas(betas, timesteps), timesteps)
   solver = None
   if sampler == 'dpm++2m':
-    kept_alpha_bar = np.cumprod(1.0 - betas)[np.asarray(schedule.timesteps)]
-    solver = jnp.asarray(dpm_solver_coefficients(kept_alpha_bar), jnp.float32)
+    solver = jnp.asarray(dpm_solver_coefficients(np.cumprod(1.0 - betas)[timesteps]), jnp.float32)
   return _sample_loop(
       schedule, solver, params, rng, labels, None if x_T is None else jnp.asarray(x_T, jnp.float32), jnp.float32(eta), jnp.float32(0.0 if ddim_scale is None else ddim_scale),
       jnp.float32(guidance), model_fn=model_fn, shape=tuple(shape), sampler=sampler, prediction=prediction,

@@ -196,6 +196,12 @@ def test_one_network_evaluation_per_step(sampler):
     jax.block_until_ready(samplers.sample(counting, BETAS, shape=(2, 2, 2, 1), rng=jax.random.key(0),
                                           sampler=sampler, num_steps=num_steps))
     assert len(evaluations) == num_steps
+  # Inside an enclosing jit (as generate and --mode sweep call it), the same samples.
+  inside = jax.jit(lambda rng: samplers.sample(MODELS['eps'], BETAS, shape=(2, 2, 2, 1), rng=rng, sampler=sampler,
+                                               num_steps=7))(jax.random.key(0))
+  outside = samplers.sample(MODELS['eps'], BETAS, shape=(2, 2, 2, 1), rng=jax.random.key(0), sampler=sampler,
+                            num_steps=7)
+  np.testing.assert_allclose(inside, outside, rtol=1e-6, atol=1e-6)
 
 
 def test_random_labels_never_null():

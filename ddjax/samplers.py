@@ -159,8 +159,8 @@ def sample(model_fn, betas, *, shape, rng, sampler='ddim', num_steps=None, step_
   neither is set): sampler 'ddpm' is ancestral sampling with the model's variance; 'ddim' is DDIM with
   σ = η·√β̃, or the seed's x_{t−1} = √ᾱ_prev·x̂0 + √max(1−ᾱ_prev−s·β̃, 0)·ε̂ + √(s·Σ)·z when `ddim_scale` s is given;
   'dpm++2m' is DPM-Solver++(2M) on the data prediction x̂0 (`dpm_solver_coefficients`; deterministic, one network
-  evaluation per step; learned-variance models use their mean prediction only). guidance w > 0 is classifier-free guidance (needs labels and
-  num_classes); it combines the mean channels only and keeps the conditional variance. `rng` is one key,
+  evaluation per step; learned-variance models use their mean prediction only). guidance w > 0 is classifier-free
+  guidance (needs labels and num_classes); it combines the mean channels only and keeps the conditional variance. `rng` is one key,
   or [B] keys, one per example; `x_T` [B, H, W, C], when given, is the chain's start instead of a draw from them.
   model_fn must be hashable and stable across calls for the compiled loop to be
   reused (a module-level function, or one built once). `eta`, `guidance` and `ddim_scale` may be JAX scalars
@@ -191,9 +191,10 @@ def sample(model_fn, betas, *, shape, rng, sampler='ddim', num_steps=None, step_
   if sampler == 'dpm++2m':
     solver = jnp.asarray(dpm_solver_coefficients(np.cumprod(1.0 - betas)[timesteps]), jnp.float32)
   return _sample_loop(
-      schedule, solver, params, rng, labels, None if x_T is None else jnp.asarray(x_T, jnp.float32), jnp.float32(eta), jnp.float32(0.0 if ddim_scale is None else ddim_scale),
-      jnp.float32(guidance), model_fn=model_fn, shape=tuple(shape), sampler=sampler, prediction=prediction,
-      variance=variance, clip_x0=bool(clip_x0), num_classes=num_classes, use_ddim_scale=ddim_scale is not None,
+      schedule, solver, params, rng, labels, None if x_T is None else jnp.asarray(x_T, jnp.float32),
+      jnp.float32(eta), jnp.float32(0.0 if ddim_scale is None else ddim_scale), jnp.float32(guidance),
+      model_fn=model_fn, shape=tuple(shape), sampler=sampler, prediction=prediction, variance=variance,
+      clip_x0=bool(clip_x0), num_classes=num_classes, use_ddim_scale=ddim_scale is not None,
       use_guidance=use_guidance, use_noise=use_noise, use_params=params is not None)
 
 

@@ -14,8 +14,9 @@ A family of checkpoints is a converter, an object with
 - `ignored(key) -> bool`: file keys the network has no use for (buffers such as a fixed embedding table);
 - `hint(shapes, config) -> str | None`: from the file's {key: shape}, the config keys whose values differ from
   what the file was trained with, e.g. "the file has 3 res blocks per level; model.num_res_blocks=2".
-The family modules hold them in their tuple CONVERTERS, tried in the order of `CONVERTERS` here. Nothing is converted before the whole file is found
-to fit: every parameter's key present with the right shape after its transform, and no other key but ignored ones.
+The family modules hold them in their tuple CONVERTERS, tried in the order of `CONVERTERS` here; their layout
+transforms are those of `layouts`. Nothing is converted before the whole file is found to fit: every parameter's
+key present with the right shape after its transform, and no other key but ignored ones.
 """
 import os
 import re

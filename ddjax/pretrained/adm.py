@@ -16,38 +16,18 @@ import dataclasses
 import re
 from typing import Callable
 
-import numpy as np
-
 from ddjax.gaussian_diffusion import output_channels
-
-
-def _same(array):
-  return array
-
-
-def _linear(array):
-  """torch Linear [out, in] -> Dense [in, out]."""
-  return np.transpose(array)
-
-
-def _conv(array):
-  """torch Conv2d [out, in, kh, kw] -> Conv [kh, kw, in, out]."""
-  return np.transpose(array, (2, 3, 1, 0))
-
-
-def _conv1d(array):
-  """torch Conv1d with a width-1 kernel [out, in, 1] -> Dense [in, out]."""
-  return np.transpose(array[..., 0])
+from ddjax.pretrained import layouts
 
 
 def _layer(flax_path: tuple, key: str, transform) -> dict:
   """A Dense or Conv: kernel from `key`.weight through `transform`, bias from `key`.bias."""
-  return {(*flax_path, 'kernel'): (f'{key}.weight', transform), (*flax_path, 'bias'): (f'{key}.bias', _same)}
+  return {(*flax_path, 'kernel'): (f'{key}.weight', transform), (*flax_path, 'bias'): (f'{key}.bias', layouts.same)}
 
 
 def _norm(flax_path: tuple, key: str) -> dict:
   """A GroupNorm: scale from `key`.weight, bias from `key`.bias."""
-  return {(*flax_path, 'scale'): (f'{key}.weight', _same), (*flax_path, 'bias'): (f'{key}.bias', _same)}
+  return {(*flax_path, 'scale'): (f'{key}.weight', layouts.same), (*flax_path, 'bias'): (f'{key}.bias', layouts.same)}
 
 
 def _has(param_shapes, name: str) -> bool:
@@ -65,14 +45,14 @@ class Names:
 ADM_NAMES = Names(
     res={'norm_in': 'in_layers.0', 'conv_in': 'in_layers.2', 'emb': 'emb_layers.1', 'norm_out': 'out_layers.0',
          'conv_out': 'out_layers.3', 'skip': 'skip_connection'},
-    attention={'norm': 'norm', 'qkv': 'qkv', 'proj_out': 'proj_out'}, attention_transform=_conv1d)
+    attention={'norm': 'norm', 'qkv': 'qkv', 'proj_out': 'proj_out'}, attention_transform=layouts.conv1d)
 DIFFUSERS_RES = {'norm_in': 'norm1', 'conv_in': 'conv1', 'emb': 'time_emb_proj', 'norm_out': 'norm2',
                  'conv_out': 'conv2', 'skip': 'conv_shortcut'}
 DIFFUSERS_NAMES = Names(res=DIFFUSERS_RES, attention={'norm': 'group_norm', 'q': 'to_q', 'k': 'to_k', 'v': 'to_v',
-                                                      'proj_out': 'to_out.0'}, attention_transform=_linear)
+                                                      'proj_out': 'to_out.0'}, attention_transform=layouts.linear)
 DIFFUSERS_OLD_NAMES = Names(res=DIFFUSERS_RES, attention={'norm': 'group_norm', 'q': 'query', 'k': 'key',
                                                           'v': 'value', 'proj_out': 'proj_attn'},
-                            attention_transform=_linear)
+                            attention_transform=layouts.linear)
 
 
 def _res_block(name: str, key: str, param_shapes, names: Names) -> dict:
@@ -82,7 +62,7 @@ def _res_block(name: str, key: str, param_shapes, names: Names) -> dict:
     if (name, part, 'bias') in param_shapes:
       path, file_key = (name, part), f'{key}.{file_part}'
       found.update(_norm(path, file_key) if part.startswith('norm') else
-                   _layer(path, file_key, _linear if part == 'emb' else _conv))
+                   _layer(path, file_key, layouts.linear if part == 'emb' else layouts.conv))
   return found
 
 
@@ -99,18 +79,19 @@ def _attention(name: str, key: str, param_shapes, names: Names) -> dict:
 def _resampling(name: str, key: str, conv: str, param_shapes, names: Names) -> dict:
   """A 2× resampling: a convolution at `key`.`conv`, or a res block at `key` (model.resblock_updown)."""
   if (name, 'kernel') in param_shapes:
-    return _layer((name,), f'{key}.{conv}', _conv)
+    return _layer((name,), f'{key}.{conv}', layouts.conv)
   return _res_block(name, key, param_shapes, names)
 
 
 def adm_key_map(config, param_shapes, names: Names = ADM_NAMES) -> dict:
   """{flax path: (improved/guided-diffusion key, transform)}."""
   levels, blocks = len(config.model.ch_mult), config.model.num_res_blocks
-  found = {**_layer(('time_embed_0',), 'time_embed.0', _linear), **_layer(('time_embed_1',), 'time_embed.2', _linear),
-           **_layer(('conv_in',), 'input_blocks.0.0', _conv), **_norm(('norm_out',), 'out.0'),
-           **_layer(('conv_out',), 'out.2', _conv)}
+  found = {**_layer(('time_embed_0',), 'time_embed.0', layouts.linear),
+           **_layer(('time_embed_1',), 'time_embed.2', layouts.linear),
+           **_layer(('conv_in',), 'input_blocks.0.0', layouts.conv), **_norm(('norm_out',), 'out.0'),
+           **_layer(('conv_out',), 'out.2', layouts.conv)}
   if ('label_emb', 'embedding') in param_shapes:
-    found[('label_emb', 'embedding')] = ('label_emb.weight', _same)
+    found[('label_emb', 'embedding')] = ('label_emb.weight', layouts.same)
   k = 0
   for level in range(levels):
     for i in range(blocks):
@@ -141,11 +122,12 @@ def adm_key_map(config, param_shapes, names: Names = ADM_NAMES) -> dict:
 def diffusers_key_map(config, param_shapes, names: Names = DIFFUSERS_NAMES) -> dict:
   """{flax path: (diffusers UNet2DModel key, transform)}."""
   levels, blocks = len(config.model.ch_mult), config.model.num_res_blocks
-  found = {**_layer(('time_embed_0',), 'time_embedding.linear_1', _linear),
-           **_layer(('time_embed_1',), 'time_embedding.linear_2', _linear), **_layer(('conv_in',), 'conv_in', _conv),
-           **_norm(('norm_out',), 'conv_norm_out'), **_layer(('conv_out',), 'conv_out', _conv)}
+  found = {**_layer(('time_embed_0',), 'time_embedding.linear_1', layouts.linear),
+           **_layer(('time_embed_1',), 'time_embedding.linear_2', layouts.linear),
+           **_layer(('conv_in',), 'conv_in', layouts.conv),
+           **_norm(('norm_out',), 'conv_norm_out'), **_layer(('conv_out',), 'conv_out', layouts.conv)}
   if ('label_emb', 'embedding') in param_shapes:
-    found[('label_emb', 'embedding')] = ('class_embedding.weight', _same)
+    found[('label_emb', 'embedding')] = ('class_embedding.weight', layouts.same)
   for direction, count, prefix in (('down', blocks, 'down_blocks'), ('up', blocks + 1, 'up_blocks')):
     for level in range(levels):
       key = f'{prefix}.{level if direction == "down" else levels - 1 - level}'

@@ -9,43 +9,29 @@ pass, so one walk over the config's architecture (`layout`) pairs them. Layouts:
 """
 import collections
 
-import numpy as np
+from ddjax.pretrained import layouts
 
 
-def _same(array):
-  return array
-
-
-def _linear(array):
-  """torch Linear [out, in] -> Flax Dense [in, out]."""
-  return np.transpose(array)
-
-
-def _conv(array):
-  """torch Conv2d [out, in, kh, kw] -> Flax Conv [kh, kw, in, out]."""
-  return np.transpose(array, (2, 3, 1, 0))
-
-
-def _dense(name: str, flax_path: tuple = (), transform=_linear) -> dict:
+def _dense(name: str, flax_path: tuple = (), transform=layouts.linear) -> dict:
   """A layer's kernel and bias from the reference's `<name>.weight` and `<name>.bias`."""
-  return {(*flax_path, 'kernel'): (f'{name}.weight', transform), (*flax_path, 'bias'): (f'{name}.bias', _same)}
+  return {(*flax_path, 'kernel'): (f'{name}.weight', transform), (*flax_path, 'bias'): (f'{name}.bias', layouts.same)}
 
 
 # ddjax layer kind -> {its param path: (the rest of the reference's key after the layer's, transform)}.
 PARAMS = {
     'Dense': _dense(''),
-    'Conv': _dense('', transform=_conv),
-    'GroupNorm': {('scale',): ('.weight', _same), ('bias',): ('.bias', _same)},
+    'Conv': _dense('', transform=layouts.conv),
+    'GroupNorm': {('scale',): ('.weight', layouts.same), ('bias',): ('.bias', layouts.same)},
     'ResBlock': {**_dense('.GroupNorm_0.style', ('AdaGroupNorm_0', 'Dense_0')),
                  **_dense('.GroupNorm_1.style', ('AdaGroupNorm_1', 'Dense_0')),
                  **_dense('.Dense_0', ('Dense_0',)),
                  **{key: value for name in ('Conv_0', 'Conv_1', 'Conv_2')
-                    for key, value in _dense(f'.{name}', (name,), _conv).items()}},
-    'AttnBlock': {('GroupNorm_0', 'scale'): ('.GroupNorm_0.weight', _same),
-                  ('GroupNorm_0', 'bias'): ('.GroupNorm_0.bias', _same),
-                  **{(f'Dense_{i}', name): (f'.NIN_{i}.{short}', _same) for i in range(4)
+                    for key, value in _dense(f'.{name}', (name,), layouts.conv).items()}},
+    'AttnBlock': {('GroupNorm_0', 'scale'): ('.GroupNorm_0.weight', layouts.same),
+                  ('GroupNorm_0', 'bias'): ('.GroupNorm_0.bias', layouts.same),
+                  **{(f'Dense_{i}', name): (f'.NIN_{i}.{short}', layouts.same) for i in range(4)
                      for name, short in (('kernel', 'W'), ('bias', 'b'))}},
-    'PyramidDownsample': _dense('.Conv2d_0', ('Conv_0',), _conv),
+    'PyramidDownsample': _dense('.Conv2d_0', ('Conv_0',), layouts.conv),
 }
 
 

@@ -216,6 +216,21 @@ def test_layout_keeps_the_parameters_and_shrinks_the_last_map():
   assert seen == [(4, 4)] * 2 + [(1, 1)] * 2
 
 
+def test_zero_init_starts_the_discriminator_constant():
+  """The reference's init (the second convs and the small D's final conv at scale 1e-10) makes a fresh D a
+  constant; zero_init=False starts them at scale 1, with the same parameter tree, and a fresh D that varies."""
+  x_prev, x_t = jax.random.normal(jax.random.key(1), (2, 8, 8, 8, 1))
+  t = jnp.zeros((8,), jnp.int32)
+  spreads, trees = {}, {}
+  for zero_init in (True, False):
+    model = discriminator.SmallDiscriminator(ngf=8, t_emb_dim=16, zero_init=zero_init)
+    params = model.init(jax.random.key(0), x_prev, t, x_t, train=False)
+    trees[zero_init] = jax.tree.map(jnp.shape, params)
+    spreads[zero_init] = float(jnp.std(model.apply(params, x_prev, t, x_t, train=False)))
+  assert trees[True] == trees[False]
+  assert spreads[True] < 1e-5 < 1e-2 < spreads[False], spreads
+
+
 # ---- FIR resampling ----
 
 TAPS = np.array([1., 3., 3., 1.])

@@ -60,9 +60,11 @@ def check_batch(batch: int) -> str | None:
 
 class DownBlock(nn.Module):
   """DownConvBlock: h = act(Conv(act(x)) + Dense(t_emb)); [FIR ↓2 of h and x];
-  out = (Conv₀(h) + Conv1x1(x)) / √2, Conv₀ starting near zero and the 1x1 skip without bias."""
+  out = (Conv₀(h) + Conv1x1(x)) / √2, Conv₀ starting near zero (unless `zero_init` is False) and the 1x1 skip
+  without bias."""
   features: int
   downsample: bool
+  zero_init: bool = True
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -72,7 +74,7 @@ class DownBlock(nn.Module):
     h = leaky_relu(h)
     if self.downsample:
       h, x = fir_downsample(h), fir_downsample(x)
-    h = Conv(self.features, (3, 3), kernel_init=dense_init(0.0), dtype=self.dtype)(h)
+    h = Conv(self.features, (3, 3), kernel_init=dense_init(0.0 if self.zero_init else 1.0), dtype=self.dtype)(h)
     skip = Conv(self.features, (1, 1), use_bias=False, kernel_init=dense_init(), dtype=self.dtype)(x)
     return (h + skip) / math.sqrt(2.0)
 
@@ -84,12 +86,15 @@ class _Discriminator(nn.Module):
   2018): logit += <Embed(label), pooled features>. `train` changes nothing (no dropout, no batch
   statistics); it is there so that G and D are called alike. Defaults are the paper's: ngf 64 and t_emb_dim
   256 (train_ddgan.py passes --t_emb_dim, default 256, to both variants). `min_final_size` is the rule's
-  floor (`halvings`); 1 gives the reference's layout at every size.
+  floor (`halvings`); 1 gives the reference's layout at every size. `zero_init` is the reference's
+  initialisation: every block's second conv (and the small one's final conv) at scale 1e-10, so that a fresh D is
+  a constant over a linear skip path; False starts them at scale 1 as the other convs.
   """
   ngf: int = 64
   t_emb_dim: int = 256
   num_classes: int = 0
   min_final_size: int = MIN_FINAL_SIZE
+  zero_init: bool = True
   dtype: Any = jnp.float32
   # (channel multiple of ngf, halves the map in the reference) per DownBlock; the final conv's init scale.
   layout: ClassVar[tuple[tuple[int, bool], ...]]
@@ -108,10 +113,11 @@ class _Discriminator(nn.Module):
     h = Conv(2 * self.ngf, (1, 1), kernel_init=dense_init(), dtype=self.dtype)(h)
     downsamples = halvings(self.layout, h.shape[1], min_final_size=self.min_final_size)
     for (mult, _), downsample in zip(self.layout, downsamples):
-      h = DownBlock(mult * self.ngf, downsample, self.dtype)(h, t_emb)
+      h = DownBlock(mult * self.ngf, downsample, self.zero_init, self.dtype)(h, t_emb)
 
     h = minibatch_stddev(h)
-    h = Conv(8 * self.ngf, (3, 3), kernel_init=dense_init(self.final_init_scale), dtype=self.dtype)(h)
+    final_scale = self.final_init_scale if self.zero_init else 1.0
+    h = Conv(8 * self.ngf, (3, 3), kernel_init=dense_init(final_scale), dtype=self.dtype)(h)
     # Summed in float32: up to 32x32 bf16 terms would accumulate their rounding.
     h = jnp.sum(leaky_relu(h).astype(jnp.float32), axis=(1, 2))
     logits = nn.Dense(1, kernel_init=dense_init(), dtype=self.dtype)(h)[:, 0]

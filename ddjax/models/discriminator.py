@@ -8,8 +8,8 @@ over positions and a dense layer to one logit.
 reference; 'large' (Discriminator_large, 256 px) has 6, all halving. The reference halves whatever it is given,
 which is right at the sizes it was built for (32 -> 4 and 256 -> 4) and degenerate below them: at 8 px the small
 one ends on a 1x1 map, where the last FIR halving keeps 9/64 of each value and the rest is zero padding, the 3x3
-convs and the minibatch stddev see one position, and D learns to separate even constant grey from digits
-hundreds of steps late (docs/ddgan.md). So the layout is chosen by the image size (`halvings`): a block halves
+convs and the minibatch stddev see one position, and D keeps its logits on real pairs barely apart
+(docs/ddgan.md). So the layout is chosen by the image size (`halvings`): a block halves
 when the reference's block does, the map is even and its half is still at least `min_final_size` (4) wide. At
 32 px and above both variants are the reference's layout exactly (the last map is 4x4 at 32 and 256 px, 8x8 at
 64), and every size has the same blocks and so the same parameters: only where the map stops halving changes.

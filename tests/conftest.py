@@ -22,7 +22,7 @@ xla_flags.apply()  # as the entry points do: the tests run what users run
 
 # Test files by their time in a suite run, longest first; the others follow in their own order.
 LONGEST_FIRST = ('test_parallel.py', 'test_ddgan.py', 'test_train.py', 'test_reliability.py', 'test_config.py',
-                 'test_unet.py', 'test_evaluate.py', 'test_sweep.py')
+                 'test_pretrained.py', 'test_unet.py', 'test_evaluate.py', 'test_sweep.py', 'test_adm.py')
 
 
 def pytest_collection_modifyitems(items):

@@ -138,7 +138,7 @@ def test_cli_invalid_config_is_one_stderr_line_and_exit_2(tmp_path):
   """Bad values, a bad type, an unknown key: stderr is exactly one line, exit status 2, nothing written."""
   cases = [
       (['--config.sample.sampler=euler'],
-       "ddjax: invalid config: sample.sampler='euler' is invalid; allowed: 'ddpm', 'ddim'"),
+       "ddjax: invalid config: sample.sampler='euler' is invalid; allowed: 'ddpm', 'ddim', 'dpm++2m'"),
       (['--config.data.num_classes=0', '--config.sample.guidance=1.0'],
        'ddjax: invalid config: sample.guidance=1.0 is invalid; allowed: 0 for an unconditional model '
        '(data.num_classes=0)'),

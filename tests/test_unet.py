@@ -255,7 +255,7 @@ def test_group_norm_gradient_sums_the_batch_from_its_per_example_sums():
                           r"atn, chnAtn \(unknown block 'foo'\)"),
     ('num_levels', 0, r'model\.num_levels=0'),
     ('num_heads', 3, r'model\.num_heads=3 .* divisor of model\.ch=16'),
-    ('name', 'foo', r"model\.name='foo' is invalid; allowed: 'unet', 'ncsnpp'"),
+    ('name', 'foo', r"model\.name='foo' is invalid; allowed: 'unet', 'adm', 'ncsnpp'"),
     ('ch_mult', -1, r'model\.ch_mult=-1'),
 ])
 def test_bad_model_config_raises(key, value, match):

@@ -49,6 +49,14 @@ def _noise(keys, step, shape):
   return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, step), shape))(keys)
 
 
+def _chain_start(rng, shape):
+  """(x_T ~ N(0, I) [shape], step keys [B]): each example's x_T from a key of its own, the noise of step i from its
+  step key folded with i. So every sampler and number of steps starts an example from the same x_T, and the cells
+  of a sweep differ by the sampler settings alone."""
+  keys = jax.vmap(lambda k: jax.random.split(k, 2))(per_example_keys(rng, shape[0]))
+  return jax.vmap(lambda k: jax.random.normal(k, shape[1:]))(keys[:, 0]), keys[:, 1]
+
+
 def per_example_keys(rng, batch: int):
   """One key per example: `rng` itself when it is already [batch] keys (e.g. keys folded from each sample's
   global index, so a sample does not depend on the batch size or device count), else fold_in(rng, i)."""
@@ -101,8 +109,8 @@ def _sample_loop(schedule: Schedule, solver, params, rng, labels, x_T, eta, ddim
   if use_guidance:
     model_fn = classifier_free_guidance(model_fn, guidance=guidance, num_classes=num_classes,
                                         mean_channels=shape[-1])
-  keys = per_example_keys(rng, shape[0])
-  x_init = _noise(keys, schedule.num_steps, shape[1:]) if x_T is None else x_T
+  x_init, keys = _chain_start(rng, shape)
+  x_init = x_init if x_T is None else x_T
   steps = jnp.arange(schedule.num_steps - 1, -1, -1)
 
   def predict(x_t, i):
@@ -202,12 +210,11 @@ def sample(model_fn, betas, *, shape, rng, sampler='ddim', num_steps=None, step_
 def _ddgan_loop(schedule: Schedule, params, rng, labels, *, generator_fn, shape, nz, use_params):
   if use_params:
     generator_fn = functools.partial(generator_fn, params)
-  keys = per_example_keys(rng, shape[0])
-  x_init = _noise(keys, schedule.num_steps, shape[1:])
+  x_init, keys = _chain_start(rng, shape)
 
   def step(x_t, i):
     t = jnp.full((shape[0],), i, jnp.int32)
-    z_keys = jax.vmap(lambda k: jax.random.fold_in(k, i + schedule.num_steps + 1))(keys)
+    z_keys = jax.vmap(lambda k: jax.random.fold_in(k, i + schedule.num_steps))(keys)
     latent = _noise(z_keys, 0, (nz,))
     x0 = generator_fn(x_t, t, latent, labels).astype(jnp.float32)
     mean, _, log_variance = gaussian_diffusion.q_posterior(schedule, x0=x0, x_t=x_t, t=t)

@@ -229,6 +229,20 @@ def test_compiles_once_per_shape_and_per_example_noise():
       samplers.sample(model_fn, BETAS, shape=(8, 2, 2, 1), rng=keys, num_steps=20, eta=0.5), a)
 
 
+def test_every_sampler_and_step_count_starts_from_the_same_x_T():
+  # ε̂ = 0 makes x̂0 = x_t/√ᾱ_t, and both deterministic updates then carry x_T to x_T/√ᾱ_t at the chain's first
+  # step, which is T − 1 on the trailing grid for every N: equal outputs iff the chains start from the same x_T.
+  def zero_eps(x_t, t, labels):
+    return jnp.zeros_like(x_t)
+  first = float(np.sqrt(np.cumprod(1.0 - np.asarray(BETAS, np.float64))[-1]))
+  x_T = np.asarray(jax.vmap(lambda k: jax.random.normal(k, (3, 3, 1)))(
+      jax.vmap(lambda k: jax.random.split(k, 2)[0])(samplers.per_example_keys(jax.random.key(0), 6))))
+  for sampler, num_steps in (('ddim', 3), ('ddim', 10), ('dpm++2m', 3), ('dpm++2m', 10)):
+    out = samplers.sample(zero_eps, BETAS, shape=(6, 3, 3, 1), rng=jax.random.key(0), sampler=sampler,
+                          num_steps=num_steps, spacing='trailing')
+    np.testing.assert_allclose(np.asarray(out) * first, x_T, rtol=1e-4, atol=1e-5, err_msg=f'{sampler} {num_steps}')
+
+
 def scaled_model(params, x_t, t, labels):
   return params['scale'] * MODELS['eps'](x_t, t, labels)
 
@@ -323,8 +337,8 @@ def test_deterministic_ddim_draws_no_noise_and_matches_the_noisy_program_at_zero
     draws.clear()
     samplers.sample(MODELS['eps'], BETAS, shape=(5, 3, 3, 1), rng=jax.random.key(0), num_steps=20, **kwargs)
     return len(draws)
-  assert noise_draws(eta=0.0) == noise_draws(ddim_scale=0.0) == 1  # x_T only
-  assert noise_draws(eta=0.5) == noise_draws(ddim_scale=0.5) == noise_draws(sampler='ddpm') == 2
+  assert noise_draws(eta=0.0) == noise_draws(ddim_scale=0.0) == 0  # x_T is drawn outside the loop
+  assert noise_draws(eta=0.5) == noise_draws(ddim_scale=0.5) == noise_draws(sampler='ddpm') == 1
   deterministic = samplers.sample(MODELS['eps'], BETAS, shape=(8, 2, 2, 1), rng=jax.random.key(0), num_steps=20)
   traced = jax.jit(lambda eta: samplers.sample(MODELS['eps'], BETAS, shape=(8, 2, 2, 1), rng=jax.random.key(0),
                                                num_steps=20, eta=eta))(jnp.float32(0.0))

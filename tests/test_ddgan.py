@@ -192,7 +192,7 @@ def test_ddgan_trains_logs_and_samples(straight, data_dir):
   assert sorted(records) == list(range(1, STEPS + 1))
   r1 = logged(straight, 'r1')
   assert all(r1[step] > 0 for step in (1, 3, 5, 7)) and all(r1[step] == 0 for step in (2, 4, 6, 8))  # lazy_reg 2
-  for key in ('loss_g', 'loss', 'd_real', 'd_fake', 'grad_norm_d', 'grad_norm_g', 'learning_rate_g'):
+  for key in ('loss_g', 'loss', 'd_real', 'd_fake', 'd_real_spread', 'grad_norm_d', 'grad_norm_g', 'learning_rate_g'):
     assert all(np.isfinite(v) for v in logged(straight, key).values()), key
   images, labels = generate.sample_and_save(tiny_ddgan_config(data_dir, **RUN), straight)
   assert images.shape == (16, 8, 8, 1) and images.dtype == np.uint8 and not labels.any()
@@ -253,7 +253,7 @@ def test_sigterm_on_8_devices_saves_exits_143_and_continues_on_1(straight, data_
   saved = checkpoint.create_manager(str(tmp_path), read_only=True).latest_step()
   assert f'ddjax: preempted (SIGTERM) at step {saved}: saved checkpoint {saved}' in result.stderr
   assert '8 devices' in result.stdout
-  for key in ('loss_d', 'd_real', 'd_fake', 'grad_norm_d'):
+  for key in ('loss_d', 'd_real', 'd_fake', 'd_real_spread', 'grad_norm_d'):
     assert logged(tmp_path, key)[1] == pytest.approx(logged(straight, key)[1], rel=1e-5, abs=1e-9), key
   for key, tolerance in (('loss_d', 1e-3), ('loss_g', 2e-2)):
     on_8, on_1 = logged(tmp_path, key), logged(straight, key)
@@ -275,7 +275,7 @@ def test_two_processes_train_as_one_device_does(data_dir, tmp_path):
   result = run_processes(2, 2, tmp_path / 'two', data_dir, ddgan=True, **run)
   assert result.returncode == 0, result.stderr[-3000:]
   assert '4 devices (cpu, shard_map)' in result.stdout
-  for key in ('loss_d', 'd_real', 'd_fake', 'grad_norm_d', 'r1'):
+  for key in ('loss_d', 'd_real', 'd_fake', 'd_real_spread', 'grad_norm_d', 'r1'):
     assert logged(tmp_path / 'two', key)[1] == pytest.approx(logged(tmp_path / 'one', key)[1], rel=1e-5, abs=1e-9), key
   for key in ('loss_d', 'loss_g'):
     on_4 = logged(tmp_path / 'two', key)

@@ -203,7 +203,8 @@ def train_step(state: TrainState, batch, *, generator, discriminator, optimizers
   def d_loss_fn(d_params):
     real_logits, fake_logits = logits(d_params, x_t, t, x_next), logits(d_params, fake, t, x_next)
     loss = discriminator_loss(real_logits, fake_logits)
-    return loss, {'loss_d': loss, 'd_real': jnp.mean(real_logits), 'd_fake': jnp.mean(fake_logits)}
+    return loss, {'loss_d': loss, 'd_real': jnp.mean(real_logits), 'd_fake': jnp.mean(fake_logits),
+                  'd_real_sq': jnp.mean(jnp.square(real_logits))}
 
   def r1_fn(d_params):
     return r1_penalty(lambda x: logits(d_params, x, t, x_next), x_t, r1_gamma=r1_gamma)
@@ -227,6 +228,9 @@ def train_step(state: TrainState, batch, *, generator, discriminator, optimizers
   g_params, g_opt_state = optimizer_step(optimizers['generator'], g_grads, state.opt_state['generator'], g_params)
 
   metrics = {name: mean(value) for name, value in {**d_terms, 'loss_g': loss_g}.items()}
+  # The spread of D's logits over the real pairs of the whole batch: D keeps telling inputs apart while it is
+  # away from 0 (docs/ddgan.md).
+  metrics['d_real_spread'] = jnp.sqrt(jnp.maximum(metrics.pop('d_real_sq') - jnp.square(metrics['d_real']), 0.0))
   metrics['loss'] = metrics['loss_d'] + metrics['loss_g']
   metrics.update(grad_norm_d=optax.global_norm(d_grads), grad_norm_g=optax.global_norm(g_grads),
                  param_norm_d=optax.global_norm(d_params), param_norm_g=optax.global_norm(g_params))
@@ -280,7 +284,7 @@ def build(config) -> Method:
       train_step=step,
       sample_fn=make_sample_fn(config, generator, betas),
       watched_metrics=('loss_d', 'loss_g', 'grad_norm_d', 'grad_norm_g', 'param_norm_d', 'param_norm_g'),
-      console_metrics=('loss_d', 'loss_g'),
+      console_metrics=('loss_d', 'loss_g', 'd_real_spread'),
       learning_rates=lambda n: {name: float(rate(n)) for name, rate in rates.items()},
       sampler=f'DDGAN, {gan.num_timesteps} generator steps',
       parameter_counts=lambda params: {name: count_params(tree) for name, tree in params.items()},

@@ -16,8 +16,8 @@ import numpy as np
 from ddjax import image_files
 from ddjax.evaluation import fid, offline_metrics
 
-COLUMNS = ('fd', 'fd_floor', 'precision', 'recall', 'memorisation', 'copy_share', 'confident_share', 'agreement',
-           'classifier_accuracy')
+COLUMNS = ('fd', 'fd_floor', 'precision', 'recall', 'memorisation', 'copy_share', 'confident_share',
+           'rarest_class_share', 'agreement', 'classifier_accuracy')
 
 
 def read_samples(path: str) -> tuple[np.ndarray, np.ndarray | None]:

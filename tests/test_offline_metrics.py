@@ -79,6 +79,7 @@ def test_mode_collapse_lowers_recall(net, real, probe_scores):
   assert scores['precision'] > 0.9 and scores['fd'] > 5 * scores['fd_floor']
   histogram = offline_metrics.class_histogram(net.predict(threes), 10)
   np.testing.assert_array_equal(histogram, np.eye(10, dtype=int)[3] * len(threes))
+  assert scores['rarest_class_share'] == 0.0 and 0.05 < probe_scores['rarest_class_share'] <= 0.1
 
 
 def test_blurred_and_noised_digits_raise_fd_and_lower_precision(net, real, probe_scores):

@@ -199,7 +199,6 @@ def test_sample_needs_no_dataset_and_eval_scores_against_digits(imported, tmp_pa
   assert result.returncode == 0, result.stderr
   record = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))][-1]
   assert record['step'] == 0 and record['fd'] > record['fd_floor'] > 0, record
-  assert record['rarest_class_share'] * 64 in range(7), record  # a count of the 64, at most the mean of 10 classes
 
 
 def test_mismatched_file_and_missing_weights_exit_2_with_one_line(tmp_path):

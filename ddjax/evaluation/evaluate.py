@@ -92,7 +92,6 @@ def evaluate(config, workdir: str) -> dict:
     histogram = offline_metrics.class_histogram(feature_net.predict(images), feature_net.model.num_classes)
     reporting.console('classes of the samples (the feature classifier\'s labels): '
                       + ' '.join(f'{c}:{n}' for c, n in enumerate(histogram)))
-    metrics['rarest_class_share'] = float(histogram.min() / n)
 
   # -- NLL. ------------------------------------------------------------------------------------------------------
   if measures_nll(config, method):

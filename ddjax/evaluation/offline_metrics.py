@@ -373,8 +373,9 @@ def fd_floor(real: RealReference, count: int) -> float:
 
 
 def score(images: np.ndarray, labels: np.ndarray | None, *, net: FeatureNet, real: RealReference) -> dict:
-  """{'fd', 'fd_floor', 'precision', 'recall', 'memorisation', 'copy_share', 'confident_share'} of uint8 samples
-  [N, H, W, C] against `real`, and 'agreement', 'classifier_accuracy' when the requested labels [N] are given."""
+  """{'fd', 'fd_floor', 'precision', 'recall', 'memorisation', 'copy_share', 'confident_share',
+  'rarest_class_share'} of uint8 samples [N, H, W, C] against `real`, and 'agreement', 'classifier_accuracy' when
+  the requested labels [N] are given."""
   if images.dtype != np.uint8 or images.shape[1:] != real.train_images.shape[1:]:
     raise ValueError(f'the samples are {images.dtype} {images.shape[1:]}; the reference is uint8 '
                      f'{real.train_images.shape[1:]}')
@@ -384,7 +385,9 @@ def score(images: np.ndarray, labels: np.ndarray | None, *, net: FeatureNet, rea
              'precision': precision, 'recall': recall,
              **memorisation(generated_to_train=nearest_distances(images, real.train_images),
                             reference_to_train=real.reference_to_train),
-             'confident_share': confident_share(probabilities)}
+             'confident_share': confident_share(probabilities),
+             'rarest_class_share': float(class_histogram(probabilities.argmax(axis=1), probabilities.shape[1]).min()
+                                         / len(images))}
   if labels is not None:
     metrics['agreement'] = agreement(probabilities.argmax(axis=1), labels)
     metrics['classifier_accuracy'] = net.accuracy

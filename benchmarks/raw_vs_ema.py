@@ -7,6 +7,7 @@ row draws them from the same keys with the trained weights (for DDGAN the genera
 import argparse
 
 import jax
+
 from ddjax import checkpoint, config as config_lib, generate, methods, parallel
 from ddjax.evaluation import evaluate
 

@@ -46,7 +46,8 @@ def study(config, workdir: str) -> list[dict]:
   sweep.write_csv(os.path.join(workdir, 'study.csv'), records)
   with open(os.path.join(workdir, 'study.md'), 'w') as f:
     f.write(markdown_tables(records))
-  sweep.plot(os.path.join(workdir, 'study.png'), records, line_of=lambda r: f'{r["prediction"]}, {sweep.cell_label(r)}',
+  sweep.plot(os.path.join(workdir, 'study.png'), records, line_of=sweep.cell_label,
+             row_of=lambda r: f'{r["prediction"]}-prediction',
              title=f'{config.data.dataset}: {config.train.num_steps} training steps, '
                    f'{config.sweep.num_samples} samples per cell')
   reporting.console(f'study: {len(records)} cells; the table in {os.path.join(workdir, "study.md")} and study.csv, the '

@@ -196,27 +196,37 @@ def write_csv(path: str, records: list[dict]) -> None:
     writer.writerows({k: '' if v is None else v for k, v in record.items()} for record in records)
 
 
-def plot(path: str, records: list[dict], *, line_of, title: str) -> None:
+def plot(path: str, records: list[dict], *, line_of, title: str, row_of=None) -> None:
   """One panel per metric of PLOTTED the records have, against num_steps (= NFE: one network evaluation per step
   for every sampler) on a log axis, one line per line_of(record); the FD panel also shows the floor (what as many
-  real images score) dashed."""
+  real images score) dashed. With row_of, one row of panels per row_of(record) (e.g. the study's prediction
+  types), each line drawn in the same style in every row."""
   metrics = [metric for metric in PLOTTED if any(metric in record for record in records)]
-  lines = {}
+  rows = {}
   for record in records:
-    lines.setdefault(line_of(record), []).append(record)
-  figure = Figure(figsize=(4 * len(metrics), 3.8), layout='constrained')
-  for axes, metric in zip(figure.subplots(1, len(metrics), squeeze=False)[0], metrics):
-    for label, line in lines.items():
-      line = sorted((r for r in line if metric in r), key=lambda r: r['num_steps'])
-      axes.plot([r['num_steps'] for r in line], [r[metric] for r in line], marker='o', markersize=3, label=label)
-    if metric == 'fd':
-      axes.axhline(np.mean([r['fd_floor'] for r in records]), color='grey', linestyle='--', label='floor (real)')
-    steps = sorted({record['num_steps'] for record in records})
-    axes.set(xscale='log', xlabel='network evaluations (NFE)', title=metric)
-    axes.set_xticks(steps, [str(n) for n in steps], minor=False)
-    axes.minorticks_off()
-    axes.grid(alpha=0.3)
-  handles, labels = figure.axes[metrics.index('fd') if 'fd' in metrics else 0].get_legend_handles_labels()
-  figure.legend(handles, labels, loc='outside lower center', ncols=min(len(labels), 4), fontsize='small')
+    rows.setdefault(None if row_of is None else row_of(record), []).append(record)
+  labels = list(dict.fromkeys(line_of(record) for record in records))
+  # Ten colours, then the next linestyle: every line stays distinguishable past matplotlib's colour cycle.
+  styles = {label: dict(color=f'C{i % 10}', linestyle=('-', '--', ':', '-.')[i // 10 % 4])
+            for i, label in enumerate(labels)}
+  steps = sorted({record['num_steps'] for record in records})
+  figure = Figure(figsize=(4 * len(metrics), 3.4 * len(rows) + 0.4 * (len(labels) // 4 + 1)), layout='constrained')
+  panels = figure.subplots(len(rows), len(metrics), squeeze=False)
+  for row_panels, (row, row_records) in zip(panels, rows.items()):
+    for axes, metric in zip(row_panels, metrics):
+      for label in labels:
+        line = sorted((r for r in row_records if metric in r and line_of(r) == label), key=lambda r: r['num_steps'])
+        axes.plot([r['num_steps'] for r in line], [r[metric] for r in line], marker='o', markersize=3, label=label,
+                  **styles[label])
+      if metric == 'fd':
+        axes.axhline(np.mean([r['fd_floor'] for r in row_records]), color='grey', linestyle='--',
+                     label='floor (real)')
+      axes.set(xscale='log', xlabel='network evaluations (NFE)', title=metric if row is None else f'{row}: {metric}')
+      axes.set_xticks(steps, [str(n) for n in steps], minor=False)
+      axes.minorticks_off()
+      axes.grid(alpha=0.3)
+  handles, legend_labels = panels[0][metrics.index('fd') if 'fd' in metrics else 0].get_legend_handles_labels()
+  figure.legend(handles, legend_labels, loc='outside lower center', ncols=min(len(legend_labels), 4),
+                fontsize='small')
   figure.suptitle(title, fontsize='medium')
   figure.savefig(path, dpi=100)

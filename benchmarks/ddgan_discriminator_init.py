@@ -5,8 +5,9 @@
 
 The generator stays at its initialisation (its output conv starts at ~1e-10, so x̂0 is a constant grey); the
 discriminator takes the config's Adam (gan.lr_d with its cosine, beta1, beta2) and the config's R1 every
-gan.lazy_reg updates, on batches of data.batch_size training images, all at t = 0: the real pair is (x_0, x_1),
-the fake one (G's x̂0 from x_1, x_1) as the train step builds them (the posterior at t = 0 is x̂0 itself).
+gan.lazy_reg updates, on batches of data.batch_size training images (with their labels, which G and D see when the
+config is class-conditional), all at t = 0: the real pair is (x_0, x_1), the fake one (G's x̂0 from x_1, x_1) as
+the train step builds them (the posterior at t = 0 is x̂0 itself).
 `--min_final_size 1` is the reference's layout (the small discriminator halves 8 px down to 1x1); 4 is ddjax's
 (ddjax.models.discriminator.halvings). `--set` overrides config keys (Python literals).
 
@@ -59,26 +60,30 @@ def measure(config, *, min_final_size: int, zero_init: bool, max_steps: int, tra
   schedule = schedules.make_schedule(ddgan.betas_of(config))
   gan = config.gan
 
-  def pairs(images, key):
-    """(real x_0, fake x̂0, x_1, t = 0) for each image, noise and z from `key`."""
+  conditional = config.data.num_classes > 0
+
+  def pairs(images, labels, key):
+    """(real x_0, fake x̂0, x_1, t = 0) for each image, noise and z from `key`; G and D see the images' labels
+    when the config is class-conditional."""
     noise_key, next_key, z_key = jax.random.split(key, 3)
     t = jnp.zeros((images.shape[0],), jnp.int32)
     x_t, x_next = ddgan.q_sample_pair(schedule, x0=images, t=t, noise=jax.random.normal(noise_key, images.shape),
                                       noise_next=jax.random.normal(next_key, images.shape))
     z = jax.random.normal(z_key, (images.shape[0], gan.nz))
-    x0 = generator.apply({'params': g_params}, x_next, t, z, None, train=True)
+    x0 = generator.apply({'params': g_params}, x_next, t, z, labels, train=True)
     fake = ddgan.posterior_sample(schedule, x0=x0, x_next=x_next, t=t, noise=jnp.zeros_like(x0))
     return x_t, fake, x_next, t
 
-  def logits(d_params, x_prev, t, x_next):
-    return discriminator.apply({'params': d_params}, x_prev, t, x_next, None, train=True)
+  def logits(d_params, x_prev, t, x_next, labels):
+    return discriminator.apply({'params': d_params}, x_prev, t, x_next, labels, train=True)
 
   @jax.jit
-  def d_step(d_params, d_opt_state, step, images, key):
-    x_t, fake, x_next, t = pairs(images, key)
-    loss_fn = lambda p: ddgan.discriminator_loss(logits(p, x_t, t, x_next), logits(p, fake, t, x_next))
+  def d_step(d_params, d_opt_state, step, images, labels, key):
+    x_t, fake, x_next, t = pairs(images, labels, key)
+    loss_fn = lambda p: ddgan.discriminator_loss(logits(p, x_t, t, x_next, labels),
+                                                 logits(p, fake, t, x_next, labels))
     grads = jax.grad(loss_fn)(d_params)
-    r1 = lambda p: ddgan.r1_penalty(lambda x: logits(p, x, t, x_next), x_t, r1_gamma=gan.r1_gamma)
+    r1 = lambda p: ddgan.r1_penalty(lambda x: logits(p, x, t, x_next, labels), x_t, r1_gamma=gan.r1_gamma)
     r1_grads = jax.lax.cond(step % gan.lazy_reg == 0, jax.grad(r1), lambda p: jax.tree.map(jnp.zeros_like, p),
                             d_params)
     grads = jax.tree.map(jnp.add, grads, r1_grads)
@@ -86,12 +91,14 @@ def measure(config, *, min_final_size: int, zero_init: bool, max_steps: int, tra
 
   heldout_config = config.copy_and_resolve_references()
   heldout_config.data.batch_size = HELDOUT
-  heldout = next(data.create_dataset(heldout_config, split='test'))['image']
-  x_t, fake, x_next, t = pairs(jnp.asarray(heldout), jax.random.key(10_000 + config.seed))
+  heldout = next(data.create_dataset(heldout_config, split='test'))
+  heldout_labels = jnp.asarray(heldout['label']) if conditional else None
+  x_t, fake, x_next, t = pairs(jnp.asarray(heldout['image']), heldout_labels, jax.random.key(10_000 + config.seed))
 
   @jax.jit
   def score(d_params):
-    real, faked = logits(d_params, x_t, t, x_next), logits(d_params, fake, t, x_next)
+    real = logits(d_params, x_t, t, x_next, heldout_labels)
+    faked = logits(d_params, fake, t, x_next, heldout_labels)
     auc = jnp.mean(real[:, None] > faked[None, :])
     sign = (jnp.sum(real > 0) + jnp.sum(faked < 0)) / (2 * HELDOUT)
     return auc, sign, jnp.mean(real) - jnp.mean(faked), jnp.std(real)
@@ -102,8 +109,10 @@ def measure(config, *, min_final_size: int, zero_init: bool, max_steps: int, tra
   history = []
   start = time.perf_counter()
   for step in range(max_steps):
-    images = jnp.asarray(next(batches)['image'])
-    d_params, d_opt_state = d_step(d_params, d_opt_state, step, images, jax.random.fold_in(key, step))
+    batch = next(batches)
+    labels = jnp.asarray(batch['label']) if conditional else None
+    d_params, d_opt_state = d_step(d_params, d_opt_state, step, jnp.asarray(batch['image']), labels,
+                                   jax.random.fold_in(key, step))
     history.append(tuple(map(float, score(d_params))))
     if trace:
       print(f'  {step + 1:>5} auc {history[-1][0]:.3f} sign {history[-1][1]:.3f} gap {history[-1][2]:+.4f} '

@@ -4,12 +4,14 @@ evaluation: the discretisation error a few-step solver exists to cut, free of th
 Run after training (the digits default: `python -m ddjax.main --config configs/digits.py --workdir W`):
   python benchmarks/ode_error.py --config configs/digits.py --workdir W [--num_samples 256]
       [--samplers ddim,dpm++2m] [--num_steps 5,10,20,50,100] [--spacing trailing] [--reference_steps 1000]
+      [--no_clip]
 
 Every sample starts from the same x_T (the per-index keys of `--mode sample`) with the config's labels, guidance
-and x0 clipping; DDIM runs with η = 0. The reference is each sampler at --reference_steps (1000 = every
-training timestep); their distance from each other bounds how well the reference itself is converged. Prints, per
-sampler and number of steps, the RMS over pixels and samples of x − x_ref in model units ([−1, 1]) and the
-largest per-sample RMS, against DPM-Solver++ at the reference steps.
+and x0 clipping (`--no_clip`: none, the reference's included, to see what clipping does to the order); DDIM runs
+with η = 0. The reference is each sampler at --reference_steps (1000 = every training timestep); their
+distance from each other bounds how well the reference itself is converged. Prints, per sampler and number of
+steps, the RMS over pixels and samples of x − x_ref in model units ([−1, 1]) and the largest per-sample RMS,
+against DPM-Solver++ at the reference steps.
 """
 import argparse
 import copy
@@ -46,8 +48,10 @@ def main(argv=None) -> None:
   parser.add_argument('--num_steps', default='5,10,20,50,100')
   parser.add_argument('--spacing', default='trailing')
   parser.add_argument('--reference_steps', type=int, default=1000)
+  parser.add_argument('--no_clip', action='store_true')
   args = parser.parse_args(argv)
   config = config_lib.load_config_module(args.config).get_config()
+  config.sample.clip_x0 = config.sample.clip_x0 and not args.no_clip
   mesh = parallel.DataParallel.create(config.parallel.mode).mesh
   params, step = generate.load_ema_params(config, args.workdir)
   common = dict(spacing=args.spacing, num_samples=args.num_samples, mesh=mesh)

@@ -23,8 +23,9 @@ from tests.tiny import restore_state, run_main_in_process
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures'
 NETG = str(FIXTURES / 'ddgan_netG_8px.pth')
-# The fixture generator's flags beyond configs/digits_ddgan.py's (make_ddgan_fixtures.FLAGS).
-FIXTURE_MODEL = {'model.num_res_blocks': 2, 'model.attn_resolutions': (4,)}
+# The fixture generator's flags beyond configs/digits_ddgan.py's (make_ddgan_fixtures.FLAGS): NVlabs' G is
+# unconditional.
+FIXTURE_MODEL = {'model.num_res_blocks': 2, 'model.attn_resolutions': (4,), 'data.num_classes': 0}
 
 
 def fixture_config(**overrides):

@@ -125,9 +125,12 @@ def network_counts(config):
   size, channels = config.data.image_size, config.data.num_channels
   x, t = jax.ShapeDtypeStruct((4, size, size, channels), jnp.float32), jax.ShapeDtypeStruct((4,), jnp.int32)
   z = jax.ShapeDtypeStruct((4, config.gan.nz), jnp.float32)
+  labels = jax.ShapeDtypeStruct((4,), jnp.int32) if config.data.num_classes else None
   generator, discriminator = create_model(config), create_discriminator(config)
-  g = jax.eval_shape(lambda k, x, t, z: generator.init(k, x, t, z, None, train=False), jax.random.key(0), x, t, z)
-  d = jax.eval_shape(lambda k, x, t: discriminator.init(k, x, t, x, None, train=False), jax.random.key(0), x, t)
+  g = jax.eval_shape(lambda k, x, t, z, y: generator.init(k, x, t, z, y, train=False), jax.random.key(0), x, t, z,
+                     labels)
+  d = jax.eval_shape(lambda k, x, t, y: discriminator.init(k, x, t, x, y, train=False), jax.random.key(0), x, t,
+                     labels)
   return tuple(sum(leaf.size for leaf in jax.tree.leaves(tree)) for tree in (g, d))
 
 

@@ -60,7 +60,9 @@ def measure(config, *, min_final_size: int, zero_init: bool, max_steps: int, tra
   schedule = schedules.make_schedule(ddgan.betas_of(config))
   gan = config.gan
 
-  conditional = config.data.num_classes > 0
+  def labels_of(batch):
+    """The batch's labels when the config is class-conditional, else None (what G and D take)."""
+    return jnp.asarray(batch['label']) if config.data.num_classes else None
 
   def pairs(images, labels, key):
     """(real x_0, fake x̂0, x_1, t = 0) for each image, noise and z from `key`; G and D see the images' labels
@@ -92,7 +94,7 @@ def measure(config, *, min_final_size: int, zero_init: bool, max_steps: int, tra
   heldout_config = config.copy_and_resolve_references()
   heldout_config.data.batch_size = HELDOUT
   heldout = next(data.create_dataset(heldout_config, split='test'))
-  heldout_labels = jnp.asarray(heldout['label']) if conditional else None
+  heldout_labels = labels_of(heldout)
   x_t, fake, x_next, t = pairs(jnp.asarray(heldout['image']), heldout_labels, jax.random.key(10_000 + config.seed))
 
   @jax.jit
@@ -110,8 +112,7 @@ def measure(config, *, min_final_size: int, zero_init: bool, max_steps: int, tra
   start = time.perf_counter()
   for step in range(max_steps):
     batch = next(batches)
-    labels = jnp.asarray(batch['label']) if conditional else None
-    d_params, d_opt_state = d_step(d_params, d_opt_state, step, jnp.asarray(batch['image']), labels,
+    d_params, d_opt_state = d_step(d_params, d_opt_state, step, jnp.asarray(batch['image']), labels_of(batch),
                                    jax.random.fold_in(key, step))
     history.append(tuple(map(float, score(d_params))))
     if trace:

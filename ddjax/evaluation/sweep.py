@@ -202,25 +202,26 @@ def plot(path: str, records: list[dict], *, line_of, title: str, row_of=None) ->
   real images score) dashed. With row_of, one row of panels per row_of(record) (e.g. the study's prediction
   types), each line drawn in the same style in every row."""
   metrics = [metric for metric in PLOTTED if any(metric in record for record in records)]
-  rows = {}
+  lines = {}  # row -> line label -> its records
   for record in records:
-    rows.setdefault(None if row_of is None else row_of(record), []).append(record)
-  labels = list(dict.fromkeys(line_of(record) for record in records))
+    row = None if row_of is None else row_of(record)
+    lines.setdefault(row, {}).setdefault(line_of(record), []).append(record)
+  labels = list(dict.fromkeys(label for row_lines in lines.values() for label in row_lines))
   # Ten colours, then the next linestyle: every line stays distinguishable past matplotlib's colour cycle.
   styles = {label: dict(color=f'C{i % 10}', linestyle=('-', '--', ':', '-.')[i // 10 % 4])
             for i, label in enumerate(labels)}
   steps = sorted({record['num_steps'] for record in records})
-  figure = Figure(figsize=(4 * len(metrics), 3.4 * len(rows) + 0.4 * (len(labels) // 4 + 1)), layout='constrained')
-  panels = figure.subplots(len(rows), len(metrics), squeeze=False)
-  for row_panels, (row, row_records) in zip(panels, rows.items()):
+  figure = Figure(figsize=(4 * len(metrics), 3.4 * len(lines) + 0.4 * (len(labels) // 4 + 1)), layout='constrained')
+  panels = figure.subplots(len(lines), len(metrics), squeeze=False)
+  for row_panels, (row, row_lines) in zip(panels, lines.items()):
     for axes, metric in zip(row_panels, metrics):
-      for label in labels:
-        line = sorted((r for r in row_records if metric in r and line_of(r) == label), key=lambda r: r['num_steps'])
+      for label, line in row_lines.items():
+        line = sorted((r for r in line if metric in r), key=lambda r: r['num_steps'])
         axes.plot([r['num_steps'] for r in line], [r[metric] for r in line], marker='o', markersize=3, label=label,
                   **styles[label])
       if metric == 'fd':
-        axes.axhline(np.mean([r['fd_floor'] for r in row_records]), color='grey', linestyle='--',
-                     label='floor (real)')
+        floors = [r['fd_floor'] for line in row_lines.values() for r in line]
+        axes.axhline(np.mean(floors), color='grey', linestyle='--', label='floor (real)')
       axes.set(xscale='log', xlabel='network evaluations (NFE)', title=metric if row is None else f'{row}: {metric}')
       axes.set_xticks(steps, [str(n) for n in steps], minor=False)
       axes.minorticks_off()
